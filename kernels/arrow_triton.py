@@ -1,0 +1,408 @@
+"""Fused head-wise arrow attention (DiTFastAttnV2, arXiv 2503.22796) as one Triton launch per layer.
+
+Per head: full attention, token-exact arrow attention (text rows/columns dense, image band |q - k| <= w),
+or skip (cached head: nothing written). Online-softmax tiling after FlashAttention-2 (Dao, 2023);
+written from scratch for this pack. See kernels/NOTES.md for floors, versions and measurements.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["arrow_attention_triton"]
+
+# head_window codes (int32 per head)
+_FULL = -1
+_SKIP = -2
+_LOG2E = 1.4426950408889634
+_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+# --------------------------------------------------------------------------------------------------
+# kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _head_for_slot(HW, slot, H, H_PAD: tl.constexpr):
+    """Head index at position `slot` of the heavy-first order (full > wider arrow > narrower > skip).
+
+    Computed in every program from the device table (H <= H_PAD entries): no host sync, no host schedule.
+    Ties keep the head index order, so the order is a permutation.
+    """
+    offs = tl.arange(0, H_PAD)
+    win = tl.load(HW + offs, mask=offs < H, other=-2)
+    key = tl.where(win == -1, 1 << 30, tl.where(win < -1, -2, win))
+    before = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (offs[None, :] < offs[:, None]))
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    return tl.sum(tl.where(rank == slot, offs, 0), axis=0)
+
+
+@triton.jit
+def _load_kv(K, V, k_base, v_base, start, offs_n, offs_d, skl, skd, svl, svd, L,
+             kdesc, vdesc, b, h,
+             BOUNDS: tl.constexpr, USE_TMA: tl.constexpr, FLAT: tl.constexpr,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    if USE_TMA:
+        # out-of-range rows are zero-filled by the copy engine
+        if FLAT:
+            k = kdesc.load([b, start, h, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = vdesc.load([b, start, h, 0]).reshape(BLOCK_N, HEAD_DIM)
+        else:
+            k = kdesc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = vdesc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    else:
+        rows = start + offs_n
+        k_ptrs = K + k_base + rows[:, None] * skl + offs_d[None, :] * skd
+        v_ptrs = V + v_base + rows[:, None] * svl + offs_d[None, :] * svd
+        if BOUNDS:
+            ok = (rows < L)[:, None]
+            k = tl.load(k_ptrs, mask=ok, other=0.0)
+            v = tl.load(v_ptrs, mask=ok, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+    return k, v
+
+
+@triton.jit
+def _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d, skl, skd, svl, svd,
+          L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
+          MASKED: tl.constexpr, USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
+          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One key tile of the online softmax. MASKED: token-exact keep(q, k) and bounds; else neither."""
+    k, v = _load_kv(K, V, k_base, v_base, start, offs_n, offs_d, skl, skd, svl, svd, L,
+                    kdesc, vdesc, b, h, MASKED, USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        # keep(q, k) = k < L and (q < T or k < T or |q - k| <= w)   (w_eff = L for full heads)
+        kk = start + offs_n
+        diff = offs_m[:, None] - kk[None, :]
+        keep = (kk < L)[None, :] & ((offs_m < T)[:, None] | (kk < T)[None, :]
+                                    | ((diff <= w_eff) & (diff >= -w_eff)))
+        s = tl.where(keep, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _arrow_fwd(
+    Q, K, V, O, HW,
+    qdesc, kdesc, vdesc,
+    sqb, sqh, sql, sqd,
+    skb, skh, skl, skd,
+    svb, svh, svl, svd,
+    sob, soh, sol, sod,
+    B, H, L, T, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
+    USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, L_BUCKET: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr, INTERP: tl.constexpr,
+):
+    # ---- program -> (head slot in heavy-first order, batch, query tile) ----
+    pid = tl.program_id(0)
+    n_qt = tl.cdiv(L, BLOCK_M)
+    qt = pid % n_qt
+    rest = pid // n_qt
+    b = rest % B
+    slot = rest // B
+    if HEAVY_FIRST:
+        h = _head_for_slot(HW, slot, H, H_PAD)
+    else:  # plain head order (benchmark comparison only)
+        h = slot
+    w = tl.load(HW + h)
+    skip = w < -1
+    m0 = qt * BLOCK_M
+
+    # ---- key-tile segments (tile starts may be unaligned; the softmax is order-free) ----
+    # unmasked loop: [u1, u1 + nu1 tiles) then [u2, u2 + nu2 tiles)
+    # masked loop:   [a1, +na1) then [a2, +na2) then [a3, +na3)
+    Lfl = (L // BLOCK_N) * BLOCK_N
+    Tfl = (T // BLOCK_N) * BLOCK_N
+    Tc = tl.cdiv(T, BLOCK_N) * BLOCK_N
+    dense_tile = (w == -1) | (m0 + BLOCK_M <= T)   # full head, or a query tile of text rows only
+    straddle = (w >= 0) & (m0 < T) & (m0 + BLOCK_M > T)
+    # band of this (image) query tile, image arrow heads only
+    wp = tl.maximum(w, 0)
+    s0 = tl.maximum(m0 - wp, Tc)
+    e0 = tl.minimum(m0 + BLOCK_M + wp, L)
+    nb = tl.maximum(tl.cdiv(tl.maximum(e0 - s0, 0), BLOCK_N), 0)
+    fk_lo = tl.maximum(m0 + BLOCK_M - 1 - wp, s0)   # first key kept by every row of the tile
+    fk_hi = tl.minimum(m0 + wp, L - 1)               # last key kept by every row of the tile
+    j_lo = tl.minimum(tl.cdiv(fk_lo - s0, BLOCK_N), nb)
+    j_hi = tl.minimum(tl.maximum(fk_hi - s0 + 1, 0) // BLOCK_N, nb)
+    j_hi = tl.maximum(j_hi, j_lo)
+
+    # integer arithmetic instead of scalar tl.where (keeps scalars 0-d in the interpreter)
+    di = dense_tile.to(tl.int32)
+    si = straddle.to(tl.int32)
+    ii = (1 - di) * (1 - si)
+    live = (skip == 0).to(tl.int32)
+    t_part = (T % BLOCK_N != 0).to(tl.int32)
+    nu1 = (di * (L // BLOCK_N) + ii * (T // BLOCK_N)) * live
+    nu2 = ii * (j_hi - j_lo) * live
+    a1 = di * Lfl + ii * Tfl
+    na1 = (di * (L % BLOCK_N != 0).to(tl.int32) + si * tl.cdiv(L, BLOCK_N) + ii * t_part) * live
+    na2 = ii * j_lo * live
+    na3 = ii * (nb - j_hi) * live
+    u2 = s0 + j_lo * BLOCK_N
+    a2 = s0
+    a3 = s0 + j_hi * BLOCK_N
+    w_eff = wp + (w == -1).to(tl.int32) * L
+
+    # ---- load the query tile ----
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    bh_q = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    k_base = b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    if USE_TMA:
+        if FLAT:
+            q = qdesc.load([b, m0, h, 0]).reshape(BLOCK_M, HEAD_DIM)
+        else:
+            q = qdesc.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
+    else:
+        q_ok = (offs_m < L)[:, None] & (skip == 0)
+        q = tl.load(Q + bh_q + offs_m[:, None] * sql + offs_d[None, :] * sqd, mask=q_ok, other=0.0)
+
+    # m starts finite, masked scores are -inf: a fully masked tile then adds exactly 0 (no NaN)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # ---- interior tiles: no element mask, no bounds; then edge tiles, masked token-exactly ----
+    if INTERP:
+        # the interpreter holds scalars as 1-element arrays, which range() rejects: count with while
+        j = 0
+        while j < nu1 + nu2:
+            start = j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
+                                  skl, skd, svl, svd, L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
+                                  False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM)
+            j += 1
+        j = 0
+        while j < na1 + na2 + na3:
+            start = (j * BLOCK_N + a1 + (j >= na1).to(tl.int32) * (a2 - na1 * BLOCK_N - a1)
+                     + (j >= na1 + na2).to(tl.int32) * (a3 - na2 * BLOCK_N - a2))
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
+                                  skl, skd, svl, svd, L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
+                                  True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM)
+            j += 1
+    else:
+        for j in range(0, nu1 + nu2):
+            start = j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
+                                  skl, skd, svl, svd, L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
+                                  False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM)
+        for j in range(0, na1 + na2 + na3):
+            start = (j * BLOCK_N + a1 + (j >= na1).to(tl.int32) * (a2 - na1 * BLOCK_N - a1)
+                     + (j >= na1 + na2).to(tl.int32) * (a3 - na2 * BLOCK_N - a2))
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
+                                  skl, skd, svl, svd, L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
+                                  True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM)
+
+    # ---- epilogue (padding rows may hold 0/0; they are never stored) ----
+    o = acc / l_i[:, None]
+    o_ptrs = O + (b.to(tl.int64) * sob + h.to(tl.int64) * soh) + offs_m[:, None] * sol + offs_d[None, :] * sod
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m < L)[:, None] & (skip == 0))
+
+
+@triton.jit
+def _order_kernel(HW, ORDER, H, H_PAD: tl.constexpr):
+    slot = tl.program_id(0)
+    tl.store(ORDER + slot, _head_for_slot(HW, slot, H, H_PAD))
+
+
+def _head_order(head_window: torch.Tensor) -> torch.Tensor:
+    """Heavy-first head order the kernel uses (for tests and the benchmark)."""
+    H = head_window.shape[0]
+    order = torch.empty(H, dtype=torch.int32, device=head_window.device)
+    _order_kernel[(H,)](head_window, order, H, H_PAD=max(triton.next_power_of_2(H), 2))
+    return order
+
+
+# --------------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _l_bucket(L: int) -> int:
+    # autotune key: 0: < 2k, 1: < 8k, 2: < 32k, 3: longer
+    return 0 if L < 2048 else 1 if L < 8192 else 2 if L < 32768 else 3
+
+
+def _default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
+    """Working launch parameters per architecture (used directly off sm90 and as sm90's fallback)."""
+    if device.type != "cuda" or _interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    major, minor = torch.cuda.get_device_capability(device)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if major >= 9:
+        return dict(BLOCK_M=128, BLOCK_N=128 if head_dim <= 128 else 64, num_warps=8, num_stages=2)
+    if (major, minor) in ((8, 6), (8, 9)):  # ~100 KB shared memory per SM
+        return dict(BLOCK_M=128, BLOCK_N=32 if head_dim == 128 else 64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2 if head_dim == 128 else 3)
+
+
+def _strides_4d(x: torch.Tensor, layout: str, H: int, D: int) -> tuple[int, int, int, int]:
+    """(batch, head, token, dim) element strides of q/k/v/out for either layout."""
+    if layout == "bhld":
+        return tuple(x.stride())  # type: ignore[return-value]
+    sb, sl, sc = x.stride()
+    return (sb, D * sc, sl, sc)
+
+
+def _validate(q, k, v, head_window, txt_len, layout, out):
+    if layout not in ("bhld", "blhd_flat"):
+        raise ValueError(f"layout must be 'bhld' or 'blhd_flat', got {layout!r}")
+    want_dim = 4 if layout == "bhld" else 3
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != want_dim:
+            raise ValueError(f"{name} must be {want_dim}-D for layout {layout!r}, got shape {tuple(x.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have one shape (Lq == Lk), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if not (q.device == k.device == v.device == head_window.device):
+        raise ValueError(f"q, k, v and head_window must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}, {head_window.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"tensors are on {q.device}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1)")
+    if head_window.dtype != torch.int32 or head_window.dim() != 1:
+        raise ValueError(f"head_window must be a 1-D int32 tensor [H], got {head_window.dtype} "
+                         f"{tuple(head_window.shape)}")
+    H = head_window.shape[0]
+    if layout == "bhld":
+        B, Hq, L, D = q.shape
+        if Hq != H:
+            raise ValueError(f"head_window has {H} entries but q has {Hq} heads")
+    else:
+        B, L, HD = q.shape
+        if H == 0 or HD % H:
+            raise ValueError(f"blhd_flat: last dim {HD} is not a multiple of the {H} heads in head_window")
+        D = HD // H
+    if D not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} not supported; expected one of {_SUPPORTED_HEAD_DIMS}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if (layout == "blhd_flat" and x.stride(-1) != 1):
+            raise ValueError(f"blhd_flat: {name} must have a contiguous last dim, got strides {x.stride()}")
+    if not 0 <= int(txt_len) <= L:
+        raise ValueError(f"txt_len must be in [0, L={L}], got {txt_len}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), got "
+                         f"{tuple(out.shape)}, {out.dtype}, {out.device}")
+    if out is not None and layout == "blhd_flat" and out.stride(-1) != 1:
+        raise ValueError(f"blhd_flat: out must have a contiguous last dim, got strides {out.stride()}")
+    return B, H, L, D
+
+
+def _tma_ok(xs, layout: str) -> bool:
+    for x in xs:
+        if x.stride(-1) != 1 or x.data_ptr() % 16:
+            return False
+        if any((s * x.element_size()) % 16 for s in x.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor(x, layout: str, H: int, D: int, block_rows: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if layout == "bhld":
+        B, Hh, L, _ = x.shape
+        return TensorDescriptor(x, [B, Hh, L, D], list(x.stride()), [1, 1, block_rows, D])
+    B, L, _ = x.shape
+    sb, sl, _ = x.stride()
+    return TensorDescriptor(x, [B, L, H, D], [sb, sl, D, 1], [1, block_rows, 1, D])
+
+
+def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, use_tma=False,
+            heavy_first=True):
+    """Private launcher (tests and the benchmark pass explicit configs here)."""
+    B, H, L, D = _validate(q, k, v, head_window, txt_len, layout, out)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    if out is None:
+        out = torch.empty_like(q)
+    cfg = dict(config) if config is not None else _default_config(q.device, D, q.dtype)
+    BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    flat = layout == "blhd_flat"
+    use_tma = bool(use_tma) and q.device.type == "cuda" and not _interpreting() and _tma_ok((q, k, v), layout)
+    if use_tma:
+        qd = _descriptor(q, layout, H, D, BM)
+        kd = _descriptor(k, layout, H, D, BN)
+        vd = _descriptor(v, layout, H, D, BN)
+    else:
+        qd = kd = vd = None
+    if B * H * L == 0:
+        return out
+    grid = (triton.cdiv(L, BM) * B * H,)
+    _arrow_fwd[grid](
+        q, k, v, out, head_window, qd, kd, vd,
+        *_strides_4d(q, layout, H, D), *_strides_4d(k, layout, H, D),
+        *_strides_4d(v, layout, H, D), *_strides_4d(out, layout, H, D),
+        B, H, L, int(txt_len), float(sm_scale) * _LOG2E,
+        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, H_PAD=max(triton.next_power_of_2(H), 2),
+        USE_TMA=use_tma, FLAT=flat, IEEE=q.dtype == torch.float32, L_BUCKET=_l_bucket(L),
+        HEAVY_FIRST=heavy_first, INTERP=_interpreting(),
+        **cfg,
+    )
+    return out
+
+
+def arrow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_window: torch.Tensor,
+                           txt_len: int, *, layout: str = "bhld", sm_scale: float | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Head-wise arrow attention for a text-first sequence, all heads of a layer in one launch.
+
+    Parameters
+    ----------
+    q, k, v : Tensor
+        ``layout="bhld"``: ``[B, H, L, D]`` (any strides, e.g. ComfyUI Flux views);
+        ``layout="blhd_flat"``: ``[B, L, H*D]`` (ComfyUI SD3; last dim contiguous), read through strides,
+        never copied. float16 / bfloat16 (float32 for tests), one CUDA device (or CPU under
+        ``TRITON_INTERPRET=1``). ``L = txt_len + N``: text tokens first. ``D`` in {16, 32, 64, 128}.
+    head_window : Tensor
+        int32 ``[H]`` on the same device, per head: ``-1`` full attention; ``-2`` skip (cached head:
+        nothing is written for it); ``w >= 0`` arrow with half-width ``w`` tokens, i.e.
+        ``keep(q, k) = q < T or k < T or |q - k| <= w`` (token-exact). Never read on the host.
+    txt_len : int
+        Number of text tokens ``T`` (0 allowed).
+    sm_scale : float, optional
+        Softmax scale; ``None`` means ``1 / sqrt(D)``.
+    out : Tensor, optional
+        Same shape, dtype and layout as ``q``; written in place. Skipped heads keep what it held (the
+        caller pre-fills the cache there). If ``None`` a new tensor is returned whose skipped heads are
+        uninitialised.
+
+    Returns
+    -------
+    Tensor in the input layout and dtype (fp32 accumulation).
+    """
+    return _launch(q, k, v, head_window, txt_len, layout, sm_scale, out)

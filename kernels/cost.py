@@ -1,0 +1,103 @@
+"""Attention cost model: kept (q, k) pairs and FLOPs per head method, token-exact or tile-granular.
+
+The calibration search uses `head_cost` as the saving weight of each candidate, `inspect` prints
+`decision_flops`. Tile-granular cost counts the score tiles a block-sparse kernel must compute
+(the same tile rule as `masks.arrow_block_tables`): a tile pair is paid in full if any pair in it is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .masks import arrow_block_tables
+from .methods import HeadMethod, LayerDecision, MethodKind
+
+__all__ = ["Geometry", "image_tokens", "band_pairs", "kept_pairs", "kept_tiles", "head_cost", "decision_cost", "decision_flops"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shape of one attention call: text tokens first, then image tokens; heads × head_dim per layer."""
+
+    txt_len: int
+    n_img_tokens: int
+    heads: int = 24
+    head_dim: int = 128
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("txt_len", "n_img_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("heads", "head_dim", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.txt_len + self.n_img_tokens
+
+    @property
+    def dense_pairs(self) -> int:
+        return self.seq_len * self.seq_len
+
+
+def band_pairs(n: int, w: int) -> int:
+    """#{(i, j) in [0, n)²: |i - j| <= w} in closed form."""
+    if n <= 0:
+        return 0
+    if w >= n - 1:
+        return n * n
+    return n * (2 * w + 1) - w * (w + 1)
+
+
+def kept_pairs(txt_len: int, n_img_tokens: int, method: HeadMethod) -> int:
+    """Token-exact number of (q, k) score pairs one head computes (cache: 0)."""
+    seq = txt_len + n_img_tokens
+    if method.kind is MethodKind.FULL:
+        return seq * seq
+    if method.kind is MethodKind.CACHE:
+        return 0
+    # text rows (T x L) + image rows x text cols (N x T) + image band
+    return txt_len * seq + n_img_tokens * txt_len + band_pairs(n_img_tokens, method.half_width(n_img_tokens))
+
+
+@lru_cache(maxsize=4096)
+def kept_tiles(txt_len: int, n_img_tokens: int, method: HeadMethod, tile: int) -> int:
+    """Number of tile×tile score tiles a block-sparse kernel computes for one head."""
+    seq = txt_len + n_img_tokens
+    if method.kind is MethodKind.CACHE or seq == 0:
+        return 0
+    nb = -(-seq // tile)
+    if method.kind is MethodKind.FULL:
+        return nb * nb
+    any_kept, _ = arrow_block_tables(txt_len, seq, [method.half_width(n_img_tokens)], tile)
+    return int(any_kept.sum())
+
+
+def head_cost(geometry: Geometry, method: HeadMethod, tile: int | None = None) -> int:
+    """Cost of one head in score pairs: token-exact when `tile` is None, else tiles × tile²."""
+    if tile is None:
+        return kept_pairs(geometry.txt_len, geometry.n_img_tokens, method)
+    return kept_tiles(geometry.txt_len, geometry.n_img_tokens, method, tile) * tile * tile
+
+
+def decision_cost(geometry: Geometry, decision: LayerDecision, tile: int | None = None) -> tuple[int, int]:
+    """(kept, dense) score pairs of one layer decision, summed over its heads."""
+    kept = sum(head_cost(geometry, m, tile) for m in decision.methods)
+    dense = head_cost(geometry, HeadMethod(MethodKind.FULL), tile) * decision.heads
+    return kept, dense
+
+
+def decision_flops(geometry: Geometry, decision: LayerDecision, tile: int | None = None) -> tuple[int, int]:
+    """(kept, dense) attention FLOPs of one layer decision: 4 · pairs · head_dim · batch (QK^T and PV)."""
+    kept, dense = decision_cost(geometry, decision, tile)
+    scale = 4 * geometry.head_dim * geometry.batch
+    return kept * scale, dense * scale
+
+
+def image_tokens(width: int, height: int, *, vae_scale: int = 8, patch: int = 2) -> int:
+    """Image tokens of a width×height picture for Flux/SD3 (VAE /8, 2×2 patches, partial patches padded)."""
+    lat_w, lat_h = width // vae_scale, height // vae_scale
+    return -(-lat_w // patch) * -(-lat_h // patch)

@@ -329,7 +329,7 @@ def loads_plan(data: str | bytes) -> Plan:
         except UnicodeDecodeError as exc:
             raise PlanError(f"plan is not UTF-8 text (byte {exc.start})") from None
     try:
-        raw = json.loads(data, parse_constant=_reject_constant)
+        raw = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise PlanError(f"plan is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
@@ -337,6 +337,13 @@ def loads_plan(data: str | bytes) -> Plan:
     except ValueError as exc:  # from _reject_constant, or int too long
         raise PlanError(f"plan is not valid JSON: {exc}") from None
     return plan_from_dict(raw)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
 
 
 def _reject_constant(name: str) -> Any:
@@ -460,8 +467,8 @@ def plan_from_dict(raw: Any) -> Plan:
 
     positions = []
     interned: dict[str, LayerDecision] = {}
-    for p, pos in enumerate(_list(top["positions"], "plan.positions", _MAX_POSITIONS)):
-        pp = f"plan.positions[{p}]"
+    for pi, pos in enumerate(_list(top["positions"], "plan.positions", _MAX_POSITIONS)):
+        pp = f"plan.positions[{pi}]"
         po = _obj(pos, pp, {"sigma", "layers"})
         sigma = _num(po["sigma"], pp + ".sigma", 0.0, 1e6)
         decs = []

@@ -74,10 +74,17 @@ def _load_kv(K, V, k_base, v_base, start, offs_n, offs_d, skl, skd, svl, svd, L,
 def _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d, skl, skd, svl, svd,
           L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
           MASKED: tl.constexpr, USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
-          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, INTERP: tl.constexpr):
     """One key tile of the online softmax. MASKED: token-exact keep(q, k) and bounds; else neither."""
     k, v = _load_kv(K, V, k_base, v_base, start, offs_n, offs_d, skl, skd, svl, svd, L,
                     kdesc, vdesc, b, h, MASKED, USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
+    p_dtype = v.dtype
+    if INTERP:
+        # the interpreter's bf16 tl.dot is wrong (triton 3.6 + numpy 2.4); the values are bf16-exact,
+        # so an fp32 product of the same operands tests the same arithmetic
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -97,10 +104,13 @@ def _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    p = p.to(p_dtype)
+    if INTERP:
+        p = p.to(tl.float32)
     if IEEE:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        acc = tl.dot(p, v, acc, input_precision="ieee")
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p, v, acc)
     return acc, l_i, m_new
 
 
@@ -114,7 +124,7 @@ def _arrow_fwd(
     sob, soh, sol, sod,
     B, H, L, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
-    USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, L_BUCKET: tl.constexpr,
+    USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
     HEAVY_FIRST: tl.constexpr, INTERP: tl.constexpr,
 ):
     # ---- program -> (head slot in heavy-first order, batch, query tile) ----
@@ -197,7 +207,7 @@ def _arrow_fwd(
             start = j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
                                   skl, skd, svl, svd, L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
-                                  False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM)
+                                  False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
             j += 1
         j = 0
         while j < na1 + na2 + na3:
@@ -205,20 +215,20 @@ def _arrow_fwd(
                      + (j >= na1 + na2).to(tl.int32) * (a3 - na2 * BLOCK_N - a2))
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
                                   skl, skd, svl, svd, L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
-                                  True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM)
+                                  True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
             j += 1
     else:
         for j in range(0, nu1 + nu2):
             start = j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
                                   skl, skd, svl, svd, L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
-                                  False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM)
+                                  False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
         for j in range(0, na1 + na2 + na3):
             start = (j * BLOCK_N + a1 + (j >= na1).to(tl.int32) * (a2 - na1 * BLOCK_N - a1)
                      + (j >= na1 + na2).to(tl.int32) * (a3 - na2 * BLOCK_N - a2))
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
                                   skl, skd, svl, svd, L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
-                                  True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM)
+                                  True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
 
     # ---- epilogue (padding rows may hold 0/0; they are never stored) ----
     o = acc / l_i[:, None]
@@ -369,7 +379,7 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
         *_strides_4d(v, layout, H, D), *_strides_4d(out, layout, H, D),
         B, H, L, int(txt_len), float(sm_scale) * _LOG2E,
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, H_PAD=max(triton.next_power_of_2(H), 2),
-        USE_TMA=use_tma, FLAT=flat, IEEE=q.dtype == torch.float32, L_BUCKET=_l_bucket(L),
+        USE_TMA=use_tma, FLAT=flat, IEEE=q.dtype == torch.float32 or _interpreting(),
         HEAVY_FIRST=heavy_first, INTERP=_interpreting(),
         **cfg,
     )

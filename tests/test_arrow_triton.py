@@ -263,3 +263,12 @@ def test_gpu_real_sizes(B, H, L, T, D, layout, kind, dtype):
 def test_gpu_prefill_and_fp32(layout):
     _check(1, 5, 1234, 77, 64, layout, "mixed", torch.float32, "cuda", 1e-5, prefill=True, seed=9)
     _check(1, 5, 1234, 77, 128, layout, "mixed", torch.bfloat16, "cuda", _BF16_TOL, prefill=True, seed=10)
+
+
+@cpu_only
+def test_heavy_first_order_is_a_stable_permutation():
+    windows = [0, SKIP, FULL, 17, 3, FULL, SKIP, 17, 400]
+    order = at._head_order(torch.tensor(windows, dtype=torch.int32)).tolist()
+    key = {FULL: 1 << 30, SKIP: -2}
+    expect = sorted(range(len(windows)), key=lambda h: (-key.get(windows[h], windows[h]), h))
+    assert order == expect

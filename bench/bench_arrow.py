@@ -101,7 +101,6 @@ def main():
            "date": time.strftime("%Y-%m-%d"), "dtype": "bf16", "rows": [], "sweep": []}
     n_sets = 2
     shapes = SHAPES[3:4] if quick else SHAPES
-    default_cfg = at._default_config(dev, 128, dtype)
     for name, B, H, T, N, D, layout in shapes:
         L = T + N
         gen = torch.Generator(device=dev).manual_seed(0)
@@ -114,6 +113,7 @@ def main():
                 ours_in = qkv
             sets.append((qkv, ours_in))
         dense_flops = 4.0 * B * H * L * L * D
+        default_cfg = at._default_config(dev, D, dtype)
 
         def t_sets(make):
             return sum(bench(make(i)) for i in range(n_sets)) / n_sets
@@ -168,11 +168,12 @@ def main():
             print(f"  {plan:8s} dens {density:.3f} (blk {block_density:.3f}, flex {flex_density:.3f}) "
                   f"flex {t_flex:.3f} ours {t_ours:.3f} ms  eff {row['sparse_eff']:.2f} "
                   f"x cuDNN {row['ours_vs_cudnn']:.2f} x flex {row['ours_vs_flex']:.2f} err {err:.1e}", flush=True)
-            if sweep and name in ("flux2k_T512", "sd35L_1k_T154") and plan in ("full", "arrow16"):
+            if sweep and name in ("flux2k_T512", "sd35L_1k_T154", "flux1k_T512") and plan in ("full", "arrow16"):
                 for cfg in _sweep_configs(D):
-                    for tma in (False, True):
+                    tma = cfg["TMA"]
+                    if True:
                         try:
-                            t = t_sets(lambda i: ours(i, config=cfg, use_tma=tma))
+                            t = t_sets(lambda i: ours(i, config=cfg))
                         except Exception as e:  # noqa: BLE001 - report and continue the sweep
                             print(f"    cfg {cfg} tma={tma} failed: {type(e).__name__}: {str(e)[:200]}")
                             continue
@@ -191,9 +192,14 @@ def _sdpa(qkv, backend):
 
 def _sweep_configs(D):
     c = []
-    for bm, bn, wp, st in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3),
-                           (128, 64, 8, 4), (64, 128, 4, 3)):
-        c.append(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=wp, num_stages=st))
+    for bm, bn, wp, st, tma, ws in ((128, 128, 8, 3, True, False), (128, 128, 8, 2, True, False),
+                                    (128, 64, 8, 3, True, False), (128, 128, 8, 3, False, False),
+                                    (128, 128, 8, 2, True, True), (128, 128, 8, 3, True, True),
+                                    (128, 128, 4, 3, True, True), (128, 64, 4, 3, True, True),
+                                    (128, 128, 8, 4, True, False), (64, 64, 4, 3, True, False)):
+        if D == 128 and st == 4 and bn == 128:
+            continue
+        c.append(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=wp, num_stages=st, TMA=tma, WS=ws))
     return c
 
 

@@ -3,6 +3,9 @@ knapsack solver and the progressive calibration search. Never imports the host (
 
 from __future__ import annotations
 
+from .knapsack import solve_layer
+from .metric import head_rse
+from .search import DEFAULT_CANDIDATES, ProgressiveCalibrator, SearchConfig
 from .plan import (
     CalibrationRecord,
     LayerSpec,
@@ -17,6 +20,11 @@ from .plan import (
 )
 
 __all__ = [
+    "DEFAULT_CANDIDATES",
+    "ProgressiveCalibrator",
+    "SearchConfig",
+    "head_rse",
+    "solve_layer",
     "CalibrationRecord",
     "LayerSpec",
     "ModelSignature",

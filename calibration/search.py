@@ -1,0 +1,240 @@
+"""Progressive head-wise plan search of DiTFastAttnV2 (method.md §4.5), host-independent.
+
+The host adapter runs one ordinary sampling pass and hands every attention call to
+`ProgressiveCalibrator.attend`. At the first position every head is full. At each later position and
+layer: the dense output, each arrow candidate's output and the cache candidate (this layer's
+*compressed* output of the previous forward) give a per-head RSE; pairs over the head cap are dropped;
+an exact knapsack maximises the tile-granular attention cost saved within the budget δ; and the
+compressed output is returned, so later layers and steps calibrate on inputs that already carry the
+upstream compression. Previous outputs wait in pinned CPU memory, not on the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..kernels.cost import Geometry, head_cost
+from ..kernels.engine import ArrowBackend, DenseFn, headwise_attention
+from ..kernels.methods import CACHE, FULL, HeadMethod, LayerDecision, MethodKind, arrow
+from .knapsack import HEAD_CAP_FACTOR, solve_layer
+from .metric import head_rse
+from .plan import CalibrationRecord, ModelSignature, Plan, PlanPosition
+
+__all__ = ["DEFAULT_CANDIDATES", "SearchConfig", "ProgressiveCalibrator"]
+
+#: The paper's default candidate set (full attention is always implicit).
+DEFAULT_CANDIDATES: tuple[HeadMethod, ...] = (CACHE, arrow(8), arrow(16), arrow(32))
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """delta: per-layer, per-step error budget (sum of head RSEs); candidates: compressing methods."""
+
+    delta: float
+    candidates: tuple[HeadMethod, ...] = DEFAULT_CANDIDATES
+    head_cap_factor: float = HEAD_CAP_FACTOR
+    tile: int = 128
+    offload: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.delta, (int, float)) and 0 <= self.delta < float("inf")):
+            raise ValueError(f"delta must be a finite number >= 0, got {self.delta!r}")
+        if any(m.kind is MethodKind.FULL for m in self.candidates):
+            raise ValueError("'full' is implicit; list only compressing candidates")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ValueError("candidates must be distinct")
+
+
+class _PrevOutputs:
+    """Previous compressed outputs per key. On CUDA with offload they live in reused pinned host
+    buffers, copied on a side stream; `prefetch` starts the copy back before it is needed."""
+
+    def __init__(self, offload: bool) -> None:
+        self.offload = offload
+        self._host: dict[Hashable, torch.Tensor] = {}
+        self._events: dict[Hashable, torch.cuda.Event] = {}
+        self._on_device: dict[Hashable, torch.Tensor] = {}
+        self._stream: torch.cuda.Stream | None = None
+
+    def _side(self, device: torch.device) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+    def put(self, key: Hashable, t: torch.Tensor) -> None:
+        self._on_device.pop(key, None)
+        if not (self.offload and t.is_cuda):
+            self._on_device[key] = t
+            return
+        buf = self._host.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        side = self._side(t.device)
+        side.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(side):
+            buf.copy_(t, non_blocking=True)
+            t.record_stream(side)
+            ev = torch.cuda.Event()
+            ev.record(side)
+        self._events[key] = ev
+
+    def prefetch(self, key: Hashable, device: torch.device) -> None:
+        if key in self._on_device or key not in self._host:
+            return
+        side = self._side(device)
+        with torch.cuda.stream(side):
+            side.wait_event(self._events[key])
+            t = self._host[key].to(device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(side)
+        self._on_device[key] = t
+        self._events[key] = ev
+
+    def get(self, key: Hashable, device: torch.device) -> torch.Tensor | None:
+        if key not in self._on_device:
+            if key not in self._host:
+                return None
+            self.prefetch(key, device)
+        t = self._on_device.pop(key)
+        if t.is_cuda and key in self._events:
+            torch.cuda.current_stream(device).wait_event(self._events[key])
+            t.record_stream(torch.cuda.current_stream(device))
+        return t
+
+    def clear(self) -> None:
+        self._host.clear()
+        self._events.clear()
+        self._on_device.clear()
+
+
+class ProgressiveCalibrator:
+    """Collects a plan during one sampling pass. Host-independent: the adapter supplies sigmas,
+    layer indices, text lengths and the host's dense attention.
+
+    Call `begin_forward(sigma)` before each model evaluation, then `attend(...)` for every attention
+    call of that evaluation in forward order, finally `plan(record)`.
+    """
+
+    def __init__(self, model: ModelSignature, config: SearchConfig, *, backend: ArrowBackend = "auto") -> None:
+        self.model = model
+        self.config = config
+        self.backend: ArrowBackend = backend
+        self.sigmas: list[float] = []
+        self._decisions: list[dict[int, LayerDecision]] = []
+        self._prev = _PrevOutputs(config.offload)
+        self._saving_cache: dict[tuple[int, int, int], np.ndarray] = {}
+        self.rse_log: list[tuple[int, int, np.ndarray]] = []  # (position, layer, rse [H, M]) for reports
+
+    @property
+    def position(self) -> int:
+        return len(self.sigmas) - 1
+
+    def begin_forward(self, sigma: float) -> None:
+        """Start a model evaluation at `sigma`. Equal sigma: same position; lower: a new position."""
+        sigma = float(sigma)
+        if self.sigmas and sigma > self.sigmas[-1]:
+            raise ValueError(f"calibration needs decreasing sigmas, got {sigma} after {self.sigmas[-1]}")
+        if not self.sigmas or sigma < self.sigmas[-1]:
+            self.sigmas.append(sigma)
+            self._decisions.append({})
+
+    def _savings(self, txt_len: int, n_img: int, layer: int) -> np.ndarray:
+        key = (txt_len, n_img, layer)
+        s = self._saving_cache.get(key)
+        if s is None:
+            spec = self.model.layers[layer]
+            geo = Geometry(txt_len, n_img, spec.heads, spec.head_dim)
+            full = head_cost(geo, FULL, self.config.tile)
+            s = np.array([full - head_cost(geo, m, self.config.tile) for m in self.config.candidates], dtype=np.int64)
+            self._saving_cache[key] = s
+        return s
+
+    @torch.no_grad()
+    def attend(
+        self,
+        layer: int,
+        txt_len: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        dense: DenseFn | None = None,
+        chunk: Hashable = None,
+        next_layer: int | None = None,
+    ) -> torch.Tensor:
+        """One attention call, q/k/v [B, H, L, D] text first -> compressed output [B, H, L, D].
+
+        `chunk` separates batches that the host evaluates separately (e.g. cond and uncond of
+        different text lengths): the first chunk of a position decides, later chunks follow it.
+        `next_layer` lets the previous output of the next call be fetched early.
+        """
+        if not self.sigmas:
+            raise RuntimeError("begin_forward(sigma) must be called before attend()")
+        pos = self.position
+        key = (chunk, layer)
+        decisions = self._decisions[pos]
+        prev = self._prev.get(key, q.device) if pos > 0 else None
+        if layer in decisions:
+            from ..kernels.engine import CachedHeads
+
+            dec = decisions[layer]
+            cached = None if prev is None else CachedHeads(tuple(range(dec.heads)), prev)
+            out, _ = headwise_attention(q, k, v, txt_len, dec, cached=cached, dense=dense, backend=self.backend)
+        elif pos == 0:
+            out, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(FULL, q.shape[1]), dense=dense)
+            decisions[layer] = LayerDecision.uniform(FULL, q.shape[1])
+        else:
+            out, decisions[layer] = self._search(pos, layer, txt_len, q, k, v, dense, prev)
+        self._prev.put(key, out)
+        if next_layer is not None and pos >= 0:
+            self._prev.prefetch((chunk, next_layer), q.device)
+        return out
+
+    def _search(self, pos, layer, txt_len, q, k, v, dense, prev) -> tuple[torch.Tensor, LayerDecision]:
+        heads = q.shape[1]
+        n_img = q.shape[2] - txt_len
+        dense_out, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(FULL, heads), dense=dense)
+        outs: list[torch.Tensor | None] = []
+        rses = []
+        for m in self.config.candidates:
+            if m.kind is MethodKind.CACHE:
+                y = prev if prev is not None and prev.shape == dense_out.shape else None
+            else:
+                y, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(m, heads), backend=self.backend)
+            outs.append(y)
+            rses.append(head_rse(y, dense_out) if y is not None else torch.full((heads,), float("inf"), device=q.device))
+        rse = torch.stack(rses, 1).cpu().numpy().astype(np.float64)  # one sync per layer: decisions live on the host
+        self.rse_log.append((pos, layer, rse))
+        choice = solve_layer(rse, self._savings(txt_len, n_img, layer), self.config.delta, head_cap_factor=self.config.head_cap_factor)
+        methods = tuple(FULL if c < 0 else self.config.candidates[c] for c in choice.tolist())
+        out = dense_out
+        for ci, y in enumerate(outs):
+            chosen = np.flatnonzero(choice == ci)
+            if len(chosen) and y is not None:
+                idx = torch.as_tensor(chosen, device=q.device)
+                out[:, idx] = y[:, idx]
+        return out, LayerDecision(methods)
+
+    def plan(self, record: CalibrationRecord | None = None, description: str = "") -> Plan:
+        """The plan of the pass so far. Layers never seen at a position stay full."""
+        if not self.sigmas:
+            raise RuntimeError("no model evaluation was calibrated")
+        positions = []
+        for sigma, decisions in zip(self.sigmas, self._decisions):
+            layers = tuple(decisions.get(i, LayerDecision.uniform(FULL, spec.heads)) for i, spec in enumerate(self.model.layers))
+            positions.append(PlanPosition(sigma, layers))
+        return Plan(self.model, tuple(positions), record, description)
+
+    def reset(self) -> None:
+        self.sigmas.clear()
+        self._decisions.clear()
+        self._prev.clear()
+        self.rse_log.clear()
+
+
+def candidate_names(candidates: Sequence[HeadMethod]) -> tuple[str, ...]:
+    return ("full",) + tuple(m.name for m in candidates)

@@ -164,6 +164,15 @@ def main():
                        config=default_cfg)
             if plan == "mixed":
                 row["t_ours_head_order"] = t_sets(lambda i: ours(i, heavy_first=False))
+                # full heads last in head order: what heavy-first scheduling is for
+                hw_rev = torch.tensor(sorted(wins, key=lambda w: (w == FULL, w)), dtype=torch.int32, device=dev)
+                qo, ko, vo = sets[0][1]
+                row["t_ours_fulllast_heavy_first"] = bench(
+                    lambda: at._launch(qo, ko, vo, hw_rev, T, layout, None, outs[0]))
+                row["t_ours_fulllast_head_order"] = bench(
+                    lambda: at._launch(qo, ko, vo, hw_rev, T, layout, None, outs[0], heavy_first=False))
+                print(f"    heavy-first vs head order (full heads last): {row['t_ours_fulllast_heavy_first']:.3f} vs "
+                      f"{row['t_ours_fulllast_head_order']:.3f} ms", flush=True)
             res["rows"].append(row)
             print(f"  {plan:8s} dens {density:.3f} (blk {block_density:.3f}, flex {flex_density:.3f}) "
                   f"flex {t_flex:.3f} ours {t_ours:.3f} ms  eff {row['sparse_eff']:.2f} "

@@ -259,11 +259,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _l_bucket(L: int) -> int:
-    # autotune key: 0: < 2k, 1: < 8k, 2: < 32k, 3: longer
-    return 0 if L < 2048 else 1 if L < 8192 else 2 if L < 32768 else 3
-
-
 def _default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
     """Working launch parameters per architecture (used directly off sm90 and as sm90's fallback)."""
     if device.type != "cuda" or _interpreting():
@@ -271,8 +266,11 @@ def _default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> 
     major, minor = torch.cuda.get_device_capability(device)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    if major == 9:  # measured on H200, see NOTES.md (TMA loads, 3 stages: 224 KB smem at D = 128)
-        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True)
+    if major == 9:  # offline-tuned on H200 (bench/bench_arrow.py --sweep; kernels/NOTES.md)
+        if head_dim <= 64:  # 64x64 tiles: 2x the CTAs at SD3 sizes, finer band tiles
+            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=True)
+        # TMA loads, 3 stages (224 KB smem at D = 128), Hopper warp specialization of the key loops
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True, WS=True)
     if major >= 10:
         return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
     if (major, minor) in ((8, 6), (8, 9)):  # ~100 KB shared memory per SM

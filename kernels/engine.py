@@ -55,6 +55,10 @@ class HeadCache:
     def put(self, key: Hashable, entry: CachedHeads) -> None:
         self._store[key] = entry
 
+    def discard(self, key: Hashable) -> None:
+        """Forget the entry of `key` (no error if there is none)."""
+        self._store.pop(key, None)
+
     def clear(self) -> None:
         self._store.clear()
 
@@ -294,4 +298,11 @@ class HeadwiseEngine:
         keep = self.plan.keep_heads(ctx.position, ctx.layer)
         if keep:
             self.cache.put(key, CachedHeads(keep, out[:, _index(keep, out.device)]))
+        else:  # nothing of this forward is kept: an older entry must not be reused later (after a jump)
+            self.cache.discard(key)
         return out
+
+    def forget(self, ctx: CallContext) -> None:
+        """The layer of `ctx` ran outside the engine (host attention): drop its stored heads so the next
+        forward cannot reuse an output older than the previous forward."""
+        self.cache.discard((ctx.cache_key, ctx.layer))

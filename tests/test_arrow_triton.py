@@ -245,6 +245,7 @@ _GPU_CASES = [
     (2, 38, 154 + 4096, 154, 64, "blhd_flat", "arrow"),
     (1, 24, 512 + 16384, 512, 128, "bhld", "mixed"),
     (1, 5, 333 + 1001, 333, 128, "bhld", "mixed"),   # odd L, T not a tile multiple
+    (2, 24, 154 + 1023, 154, 64, "bhld", "mixed"),
 ]
 
 

@@ -3,7 +3,7 @@
 Rows: cuDNN SDPA (dense), default SDPA (FLASH, dense), FlexAttention with the same per-head masks
 (BlockMask built once, outside timing; torch.compile(flex_attention)), ours (+ config/TMA variants).
 Plans: all full, arrow/8, /16, /32 on all heads, mixed (h % 3: full / arrow16 / skip).
-Usage: python bench/bench_arrow.py [out.json] [--quick] [--sweep]
+Usage: python bench/bench_arrow.py [out.json] [--quick] [--sweep] [--variants]
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     quick = "--quick" in sys.argv
     sweep = "--sweep" in sys.argv
+    variants = "--variants" in sys.argv
     out_path = pathlib.Path(args[0]) if args else ROOT / "bench" / "results" / "bench_arrow.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
@@ -98,7 +99,7 @@ def main():
     flex = torch.compile(flex_attention, dynamic=False)
     props = torch.cuda.get_device_properties(dev)
     res = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d"), "dtype": "bf16", "rows": [], "sweep": []}
+           "date": time.strftime("%Y-%m-%d"), "dtype": "bf16", "rows": [], "sweep": [], "variants": []}
     n_sets = 2
     shapes = SHAPES[3:4] if quick else SHAPES
     for name, B, H, T, N, D, layout in shapes:
@@ -177,6 +178,19 @@ def main():
             print(f"  {plan:8s} dens {density:.3f} (blk {block_density:.3f}, flex {flex_density:.3f}) "
                   f"flex {t_flex:.3f} ours {t_ours:.3f} ms  eff {row['sparse_eff']:.2f} "
                   f"x cuDNN {row['ours_vs_cudnn']:.2f} x flex {row['ours_vs_flex']:.2f} err {err:.1e}", flush=True)
+            if variants and name in ("flux1k_T256", "flux2k_T256", "flux2k_T512"):
+                for vname, over in VARIANTS:
+                    cfg = dict(default_cfg, **over)
+                    try:
+                        t = t_sets(lambda i: ours(i, config=cfg))
+                    except Exception as e:  # noqa: BLE001 - report and continue
+                        print(f"    variant {vname} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        continue
+                    res["variants"].append(dict(shape=name, plan=plan, variant=vname, cfg=cfg, t=t,
+                                                t_default=t_ours, t_flex=t_flex, t_cudnn=t_cudnn,
+                                                sparse_eff=density * t_cudnn / t, x_flex=t_flex / t))
+                    print(f"    variant {vname:16s} {t:.3f} ms (default {t_ours:.3f})  eff {density * t_cudnn / t:.2f} "
+                          f"x cuDNN {t_cudnn / t:.2f} x flex {t_flex / t:.2f}", flush=True)
             if sweep and name in ("flux2k_T512", "sd35L_1k_T154", "flux1k_T512") and plan in ("full", "arrow16"):
                 for cfg in _sweep_configs(D):
                     tma = cfg["TMA"]
@@ -197,6 +211,13 @@ def main():
 def _sdpa(qkv, backend):
     with sdpa_kernel(backend):
         return sdpa(*qkv)
+
+
+VARIANTS = [  # overrides of the default config (D = 128 shapes only)
+    ("sched1_old_order", dict(SCHED=1)),
+    ("bn64", dict(BLOCK_N=64)),
+    ("s2", dict(num_stages=2)),
+]
 
 
 def _sweep_configs(D):

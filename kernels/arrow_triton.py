@@ -29,17 +29,26 @@ _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
 @triton.jit
+def _rank_heads(HW, H, H_PAD: tl.constexpr):
+    """Heavy-first rank of every head (full > wider arrow > narrower > skip; ties by head index)."""
+    offs = tl.arange(0, H_PAD)
+    win = tl.load(HW + offs, mask=offs < H, other=-2)
+    key = tl.where(win == -1, 1 << 30, tl.where(win < -1, -2, win))
+    before = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (offs[None, :] < offs[:, None]))
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    n_full = tl.sum(((win == -1) & (offs < H)).to(tl.int32), axis=0)
+    n_arrow = tl.sum(((win >= 0) & (offs < H)).to(tl.int32), axis=0)
+    return offs, rank, n_full, n_arrow
+
+
+@triton.jit
 def _head_for_slot(HW, slot, H, H_PAD: tl.constexpr):
     """Head index at position `slot` of the heavy-first order (full > wider arrow > narrower > skip).
 
     Computed in every program from the device table (H <= H_PAD entries): no host sync, no host schedule.
     Ties keep the head index order, so the order is a permutation.
     """
-    offs = tl.arange(0, H_PAD)
-    win = tl.load(HW + offs, mask=offs < H, other=-2)
-    key = tl.where(win == -1, 1 << 30, tl.where(win < -1, -2, win))
-    before = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (offs[None, :] < offs[:, None]))
-    rank = tl.sum(before.to(tl.int32), axis=1)
+    offs, rank, n_full, n_arrow = _rank_heads(HW, H, H_PAD)
     return tl.sum(tl.where(rank == slot, offs, 0), axis=0)
 
 
@@ -72,7 +81,7 @@ def _load_kv(K, V, k_base, v_base, start, offs_n, offs_d, skl, skd, svl, svd, L,
 
 @triton.jit
 def _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d, skl, skd, svl, svd,
-          L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
+          L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
           MASKED: tl.constexpr, USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, INTERP: tl.constexpr):
     """One key tile of the online softmax. MASKED: token-exact keep(q, k) and bounds; else neither."""
@@ -90,17 +99,13 @@ def _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
     else:
         s = tl.dot(q, tl.trans(k))
     if MASKED:
-        # keep(q, k) = k < L and (q < T or k < T or |q - k| <= w)   (w_eff = L for full heads)
+        # keep(q, k) = k < T or lo_q <= k <= hi_q, with [lo_q, hi_q] = [0, L-1] for text rows / full heads
+        # and [q - w, min(q + w, L - 1)] for image rows of arrow heads (row vectors built once per program)
         kk = start + offs_n
-        diff = offs_m[:, None] - kk[None, :]
-        keep = (kk < L)[None, :] & ((offs_m < T)[:, None] | (kk < T)[None, :]
-                                    | ((diff <= w_eff) & (diff >= -w_eff)))
-        s = tl.where(keep, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        keep = (kk < T)[None, :] | ((kk[None, :] >= lo[:, None]) & (kk[None, :] <= hi[:, None]))
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -125,26 +130,52 @@ def _arrow_fwd(
     B, H, L, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
     USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr,
+    SCHED: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr,
 ):
-    # ---- program -> (head slot in heavy-first order, batch, query tile) ----
+    # ---- program -> (head, batch, query tile) ----
     pid = tl.program_id(0)
     n_qt = tl.cdiv(L, BLOCK_M)
-    qt = pid % n_qt
-    rest = pid // n_qt
-    b = rest % B
-    slot = rest // B
-    if HEAVY_FIRST:
-        h = _head_for_slot(HW, slot, H, H_PAD)
-    else:  # plain head order (benchmark comparison only)
-        h = slot
+    if SCHED == 2:
+        # long programs first: [full heads, every query tile] [arrow heads, query tiles with text rows]
+        # [arrow heads, image query tiles (wider bands first)] [skipped heads]. A text-row tile of an arrow
+        # head visits every key tile (as long as a full-head tile); started last it would run alone for
+        # a whole dense program's time after the short band tiles are done.
+        offs_h, rank, n_full, n_arrow = _rank_heads(HW, H, H_PAD)
+        n_tq = tl.minimum(tl.cdiv(T, BLOCK_M), n_qt)
+        n_iq = n_qt - n_tq
+        seg_a = n_full * B * n_qt
+        seg_b = n_arrow * B * n_tq
+        seg_c = n_arrow * B * n_iq
+        in_a = (pid < seg_a).to(tl.int32)
+        in_b = ((pid >= seg_a) & (pid < seg_a + seg_b)).to(tl.int32)
+        in_c = ((pid >= seg_a + seg_b) & (pid < seg_a + seg_b + seg_c)).to(tl.int32)
+        in_d = 1 - in_a - in_b - in_c
+        # integer arithmetic instead of scalar tl.where (keeps scalars 0-d in the interpreter)
+        base = in_b * seg_a + in_c * (seg_a + seg_b) + in_d * (seg_a + seg_b + seg_c)
+        per = in_a * n_qt + in_b * n_tq + in_c * n_iq + in_d * n_qt
+        per = tl.maximum(per, 1)
+        p_loc = pid - base
+        qt = p_loc % per + in_c * n_tq
+        r = p_loc // per
+        b = r % B
+        slot = r // B + (in_b + in_c) * n_full + in_d * (n_full + n_arrow)
+        h = tl.sum(tl.where(rank == slot, offs_h, 0), axis=0)
+    else:
+        qt = pid % n_qt
+        rest = pid // n_qt
+        b = rest % B
+        slot = rest // B
+        if SCHED == 1:  # heavy-first head order, query tile fastest
+            h = _head_for_slot(HW, slot, H, H_PAD)
+        else:  # plain head order (benchmark comparison only)
+            h = slot
     w = tl.load(HW + h)
     skip = w < -1
     m0 = qt * BLOCK_M
 
     # ---- key-tile segments (tile starts may be unaligned; the softmax is order-free) ----
-    # unmasked loop: [u1, u1 + nu1 tiles) then [u2, u2 + nu2 tiles)
-    # masked loop:   [a1, +na1) then [a2, +na2) then [a3, +na3)
+    # unmasked tiles: [u1, u1 + nu1 tiles) then [u2, u2 + nu2 tiles)
+    # masked tiles:   [a1, +na1) then [a2, +na2) then [a3, +na3)
     Lfl = (L // BLOCK_N) * BLOCK_N
     Tfl = (T // BLOCK_N) * BLOCK_N
     Tc = tl.cdiv(T, BLOCK_N) * BLOCK_N
@@ -161,7 +192,6 @@ def _arrow_fwd(
     j_hi = tl.minimum(tl.maximum(fk_hi - s0 + 1, 0) // BLOCK_N, nb)
     j_hi = tl.maximum(j_hi, j_lo)
 
-    # integer arithmetic instead of scalar tl.where (keeps scalars 0-d in the interpreter)
     di = dense_tile.to(tl.int32)
     si = straddle.to(tl.int32)
     ii = (1 - di) * (1 - si)
@@ -176,12 +206,18 @@ def _arrow_fwd(
     u2 = s0 + j_lo * BLOCK_N
     a2 = s0
     a3 = s0 + j_hi * BLOCK_N
-    w_eff = wp + (w == -1).to(tl.int32) * L
+    nu = nu1 + nu2
+    na = na1 + na2 + na3
 
-    # ---- load the query tile ----
+    # ---- per-row key range for the element mask: keep(q, k) = k < T or lo_q <= k <= hi_q ----
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    img_row = (offs_m >= T) & (w >= 0)
+    lo = tl.where(img_row, offs_m - wp, 0)
+    hi = tl.minimum(tl.where(img_row, offs_m + wp, L - 1), L - 1)
+
+    # ---- load the query tile ----
     bh_q = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     k_base = b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
@@ -203,31 +239,31 @@ def _arrow_fwd(
     if INTERP:
         # the interpreter holds scalars as 1-element arrays, which range() rejects: count with while
         j = 0
-        while j < nu1 + nu2:
+        while j < nu:
             start = j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
-                                  skl, skd, svl, svd, L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
+                                  skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
                                   False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
             j += 1
         j = 0
-        while j < na1 + na2 + na3:
+        while j < na:
             start = (j * BLOCK_N + a1 + (j >= na1).to(tl.int32) * (a2 - na1 * BLOCK_N - a1)
                      + (j >= na1 + na2).to(tl.int32) * (a3 - na2 * BLOCK_N - a2))
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
-                                  skl, skd, svl, svd, L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
+                                  skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
                                   True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
             j += 1
     else:
-        for j in tl.range(0, nu1 + nu2, warp_specialize=WS):
+        for j in tl.range(0, nu, warp_specialize=WS):
             start = j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
-                                  skl, skd, svl, svd, L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
+                                  skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
                                   False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
-        for j in tl.range(0, na1 + na2 + na3, warp_specialize=WS):
+        for j in tl.range(0, na, warp_specialize=WS):
             start = (j * BLOCK_N + a1 + (j >= na1).to(tl.int32) * (a2 - na1 * BLOCK_N - a1)
                      + (j >= na1 + na2).to(tl.int32) * (a3 - na2 * BLOCK_N - a2))
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
-                                  skl, skd, svl, svd, L, T, w_eff, qk_scale, kdesc, vdesc, b, h,
+                                  skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
                                   True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
 
     # ---- epilogue (padding rows may hold 0/0; they are never stored) ----
@@ -353,7 +389,7 @@ def _descriptor(x, layout: str, H: int, D: int, block_rows: int):
 
 
 def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, use_tma=None,
-            heavy_first=True):
+            heavy_first=True, sched=None):
     """Private launcher (tests and the benchmark pass explicit configs here)."""
     B, H, L, D = _validate(q, k, v, head_window, txt_len, layout, out)
     if sm_scale is None:
@@ -364,6 +400,9 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
     BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     use_tma = cfg.pop("TMA", False) if use_tma is None else use_tma
     ws = bool(cfg.pop("WS", False)) and not _interpreting()
+    if sched is None:
+        sched = cfg.pop("SCHED", 2) if heavy_first else 0
+    cfg.pop("SCHED", None)
     flat = layout == "blhd_flat"
     use_tma = bool(use_tma) and q.device.type == "cuda" and not _interpreting() and _tma_ok((q, k, v), layout)
     if use_tma:
@@ -382,7 +421,7 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
         B, H, L, int(txt_len), float(sm_scale) * _LOG2E,
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, H_PAD=max(triton.next_power_of_2(H), 2),
         USE_TMA=use_tma, FLAT=flat, IEEE=q.dtype == torch.float32 or _interpreting(),
-        HEAVY_FIRST=heavy_first, INTERP=_interpreting(), WS=ws,
+        SCHED=int(sched), INTERP=_interpreting(), WS=ws,
         **cfg,
     )
     return out

@@ -191,6 +191,15 @@ def test_tile_shapes(config, T):
 
 
 @cpu_only
+@pytest.mark.parametrize("variant", [dict(SCHED=0), dict(SCHED=1), dict(SCHED=2)])
+@pytest.mark.parametrize("B,L,T,layout", [(2, 70, 33, "bhld"), (1, 37, 0, "blhd_flat"), (2, 37, 37, "bhld")])
+def test_variants(variant, B, L, T, layout):
+    # program orders: same function, every tile written once, skipped heads untouched
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, **variant)
+    _check(B, 6, L, T, 16, layout, "mixed", torch.float32, "cpu", _F32_TOL, config=cfg, seed=L + T + B)
+
+
+@cpu_only
 @pytest.mark.parametrize("layout", ["bhld", "blhd_flat"])
 def test_bf16(layout):
     _check(2, 5, 70, 5, 32, layout, "mixed", torch.bfloat16, "cpu", _BF16_TOL, seed=3)
@@ -264,6 +273,21 @@ def test_gpu_real_sizes(B, H, L, T, D, layout, kind, dtype):
 def test_gpu_prefill_and_fp32(layout):
     _check(1, 5, 1234, 77, 64, layout, "mixed", torch.float32, "cuda", 1e-5, prefill=True, seed=9)
     _check(1, 5, 1234, 77, 128, layout, "mixed", torch.bfloat16, "cuda", _BF16_TOL, prefill=True, seed=10)
+
+
+_GPU_VARIANTS = [dict(SCHED=1), dict(BLOCK_N=64)]
+
+
+@gpu
+@pytest.mark.skipif(not _HAS_CUDA or _INTERP, reason="needs CUDA (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("variant", _GPU_VARIANTS)
+@pytest.mark.parametrize("B,H,L,T,D,layout,kind", [_GPU_CASES[0], _GPU_CASES[6], _GPU_CASES[7], _GPU_CASES[4]])
+def test_gpu_variants(variant, B, H, L, T, D, layout, kind):
+    # the switchable variants benchmarked against the default (bench/bench_arrow.py --variants)
+    cfg = dict(at._default_config(torch.device("cuda"), D, torch.bfloat16))
+    cfg.update(variant)
+    _check(B, H, L, T, D, layout, kind, torch.bfloat16, "cuda", _BF16_TOL, config=cfg, seed=L + T + 1,
+           noncontig=(B == 2))
 
 
 @cpu_only

@@ -79,6 +79,34 @@ def bench(fn, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def graph_bench(fn, warmup=25, rep=100):
+    """Kernel time without host launch cost: one call captured in a CUDA graph, replay timed by do_bench."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    t = bench(g.replay, warmup=warmup, rep=rep)
+    del g
+    return t
+
+
+def host_us(fn, n=200):
+    """Host cost per call (µs): n back-to-back calls of a launch whose kernel does nothing (all heads skipped)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
 def to_bhld(x, layout, H):
     if layout == "bhld":
         return x
@@ -91,6 +119,7 @@ def main():
     quick = "--quick" in sys.argv
     sweep = "--sweep" in sys.argv
     variants = "--variants" in sys.argv
+    order = "--order" in sys.argv
     out_path = pathlib.Path(args[0]) if args else ROOT / "bench" / "results" / "bench_arrow.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
@@ -123,6 +152,14 @@ def main():
         t_flash = t_sets(lambda i: (lambda: _sdpa(sets[i][0], SDPBackend.FLASH_ATTENTION)))
         print(f"[{name}] L={L} cuDNN {t_cudnn:.3f} ms ({dense_flops / t_cudnn / 1e9:.0f} TFLOP/s) "
               f"FLASH {t_flash:.3f} ms", flush=True)
+        # host cost per call: cached plan (public path) vs rebuilding it every call (session-2 host path)
+        hw_skip = torch.full((H,), SKIP, dtype=torch.int32, device=dev)
+        qo, ko, vo = sets[0][1]
+        o_skip = torch.empty_like(qo)
+        h_fast = host_us(lambda: at.arrow_attention_triton(qo, ko, vo, hw_skip, T, layout=layout, out=o_skip))
+        h_slow = host_us(lambda: at._launch(qo, ko, vo, hw_skip, T, layout, None, o_skip, fast=False))
+        res.setdefault("host_us", []).append(dict(shape=name, cached=h_fast, uncached=h_slow))
+        print(f"  host per call: cached plan {h_fast:.1f} us, rebuilt every call {h_slow:.1f} us", flush=True)
         for plan in PLANS if not quick else ["full", "arrow16", "mixed"]:
             wins = plan_windows(plan, H, N)
             hw = torch.tensor(wins, dtype=torch.int32, device=dev)
@@ -150,6 +187,7 @@ def main():
                     return lambda: at._launch(qo, ko, vo, hw, T, layout, None, outs[i], **kw)
                 return lambda: at.arrow_attention_triton(qo, ko, vo, hw, T, layout=layout, out=outs[i])
             t_ours = t_sets(lambda i: ours(i))
+            t_ours_graph = sum(graph_bench(ours(i)) for i in range(n_sets)) / n_sets
             # sanity: ours vs flex on computed heads
             ref = flex(*sets[0][0], block_mask=bm)
             at.arrow_attention_triton(*sets[0][1], hw, T, layout=layout, out=outs[0])
@@ -159,11 +197,12 @@ def main():
             row = dict(shape=name, B=B, H=H, L=L, T=T, D=D, layout=layout, plan=plan, density=density,
                        block_density_ours=block_density, block_density_flex128=flex_density,
                        t_cudnn_dense=t_cudnn, t_flash_dense=t_flash, t_flex=t_flex, t_ours=t_ours,
+                       t_ours_graph=t_ours_graph,
                        ours_vs_cudnn=t_cudnn / t_ours, sparse_eff=density * t_cudnn / t_ours,
                        flex_sparse_eff=density * t_cudnn / t_flex, ours_vs_flex=t_flex / t_ours,
                        eff_tflops_ours=4.0 * kept * B * D / t_ours / 1e9, rel_err_vs_flex=err,
                        config=default_cfg)
-            if plan == "mixed":
+            if plan == "mixed" and order:
                 row["t_ours_head_order"] = t_sets(lambda i: ours(i, heavy_first=False))
                 # full heads last in head order: what heavy-first scheduling is for
                 hw_rev = torch.tensor(sorted(wins, key=lambda w: (w == FULL, w)), dtype=torch.int32, device=dev)
@@ -176,21 +215,27 @@ def main():
                       f"{row['t_ours_fulllast_head_order']:.3f} ms", flush=True)
             res["rows"].append(row)
             print(f"  {plan:8s} dens {density:.3f} (blk {block_density:.3f}, flex {flex_density:.3f}) "
-                  f"flex {t_flex:.3f} ours {t_ours:.3f} ms  eff {row['sparse_eff']:.2f} "
+                  f"flex {t_flex:.3f} ours {t_ours:.3f} (graph {t_ours_graph:.3f}) ms  eff {row['sparse_eff']:.2f} "
                   f"x cuDNN {row['ours_vs_cudnn']:.2f} x flex {row['ours_vs_flex']:.2f} err {err:.1e}", flush=True)
-            if variants and name in ("flux1k_T256", "flux2k_T256", "flux2k_T512"):
-                for vname, over in VARIANTS:
+            if variants:
+                for vname, over in (VARIANTS if D == 128 else VARIANTS_D64):
                     cfg = dict(default_cfg, **over)
                     try:
-                        t = t_sets(lambda i: ours(i, config=cfg))
+                        tg = sum(graph_bench(ours(i, config=cfg), warmup=10, rep=50) for i in range(n_sets)) / n_sets
+                        at._launch(*sets[0][1], hw, T, layout, None, outs[0], config=cfg)
+                        ob = to_bhld(outs[0], layout, H)
+                        verr = ((ob[:, live].float() - ref[:, live].float()).norm()
+                                / ref[:, live].float().norm()).item()
                     except Exception as e:  # noqa: BLE001 - report and continue
                         print(f"    variant {vname} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                         continue
-                    res["variants"].append(dict(shape=name, plan=plan, variant=vname, cfg=cfg, t=t,
-                                                t_default=t_ours, t_flex=t_flex, t_cudnn=t_cudnn,
-                                                sparse_eff=density * t_cudnn / t, x_flex=t_flex / t))
-                    print(f"    variant {vname:16s} {t:.3f} ms (default {t_ours:.3f})  eff {density * t_cudnn / t:.2f} "
-                          f"x cuDNN {t_cudnn / t:.2f} x flex {t_flex / t:.2f}", flush=True)
+                    res["variants"].append(dict(shape=name, plan=plan, variant=vname, cfg=cfg, t_graph=tg,
+                                                t_graph_default=t_ours_graph, t_flex=t_flex, t_cudnn=t_cudnn,
+                                                rel_err_vs_flex=verr,
+                                                sparse_eff=density * t_cudnn / tg, x_flex=t_flex / tg))
+                    print(f"    variant {vname:14s} graph {tg:.3f} ms (default {t_ours_graph:.3f}, "
+                          f"{t_ours_graph / tg:.3f}x)  eff {density * t_cudnn / tg:.2f} x cuDNN {t_cudnn / tg:.2f} "
+                          f"x flex {t_flex / tg:.2f} err {verr:.1e}", flush=True)
             if sweep and name in ("flux2k_T512", "sd35L_1k_T154", "flux1k_T512") and plan in ("full", "arrow16"):
                 for cfg in _sweep_configs(D):
                     tma = cfg["TMA"]
@@ -213,10 +258,15 @@ def _sdpa(qkv, backend):
         return sdpa(*qkv)
 
 
-VARIANTS = [  # overrides of the default config (D = 128 shapes only)
-    ("sched1_old_order", dict(SCHED=1)),
-    ("bn64", dict(BLOCK_N=64)),
-    ("s2", dict(num_stages=2)),
+VARIANTS = [  # overrides of the default config, D = 128 (timed with CUDA-graph replay)
+    ("nopersist", dict(PERSIST=0)),
+    ("persist1", dict(PERSIST=1)),
+    ("persist1_nows", dict(PERSIST=1, WS=False)),
+]
+VARIANTS_D64 = [
+    ("nopersist", dict(PERSIST=0)),
+    ("persist2", dict(PERSIST=2)),
+    ("persist4", dict(PERSIST=4)),
 ]
 
 
@@ -235,11 +285,12 @@ def _sweep_configs(D):
 
 def _table(res):
     print("\n| shape | plan | density (token / our blocks) | cuDNN dense ms | FLASH dense ms | flex ms | ours ms "
-          "| ours x cuDNN | sparse eff (ours / flex) | ours x flex |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| ours graph ms | ours x cuDNN | sparse eff (ours / flex) | ours x flex |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         print(f"| {r['shape']} | {r['plan']} | {r['density']:.3f} / {r['block_density_ours']:.3f} "
               f"| {r['t_cudnn_dense']:.3f} | {r['t_flash_dense']:.3f} | {r['t_flex']:.3f} | {r['t_ours']:.3f} "
+              f"| {r['t_ours_graph']:.3f} "
               f"| {r['ours_vs_cudnn']:.2f} | {r['sparse_eff']:.2f} / {r['flex_sparse_eff']:.2f} "
               f"| {r['ours_vs_flex']:.2f} |")
 

@@ -130,17 +130,61 @@ def _arrow_fwd(
     B, H, L, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
     USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
+    SCHED: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr, PERSIST: tl.constexpr,
+):
+    offs_h, rank, n_full, n_arrow = _rank_heads(HW, H, H_PAD)
+    if PERSIST:
+        # persistent: grid = a few programs per SM; program p takes items p, p + G, p + 2G, ... of the same
+        # long-first order (SCHED = 2). Skipped heads sit at the end of that order and do nothing, so the
+        # walk stops before them.
+        n_qt = tl.cdiv(L, BLOCK_M)
+        n_items = n_qt * B * H
+        if SCHED == 2:
+            n_items = (n_full + n_arrow) * B * n_qt
+        item = tl.program_id(0)
+        step = tl.num_programs(0)
+        if INTERP:
+            while item < n_items:
+                _work(item, offs_h, rank, n_full, n_arrow, Q, K, V, O, HW, qdesc, kdesc, vdesc,
+                      sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                      B, H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, H_PAD, USE_TMA, FLAT, IEEE,
+                      SCHED, INTERP, WS)
+                item += step
+        else:
+            for it in range(item, n_items, step):
+                _work(it, offs_h, rank, n_full, n_arrow, Q, K, V, O, HW, qdesc, kdesc, vdesc,
+                      sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                      B, H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, H_PAD, USE_TMA, FLAT, IEEE,
+                      SCHED, INTERP, WS)
+    else:
+        _work(tl.program_id(0), offs_h, rank, n_full, n_arrow, Q, K, V, O, HW, qdesc, kdesc, vdesc,
+              sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+              B, H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, H_PAD, USE_TMA, FLAT, IEEE,
+              SCHED, INTERP, WS)
+
+
+@triton.jit
+def _work(
+    pid, offs_h, rank, n_full, n_arrow,
+    Q, K, V, O, HW,
+    qdesc, kdesc, vdesc,
+    sqb, sqh, sql, sqd,
+    skb, skh, skl, skd,
+    svb, svh, svl, svd,
+    sob, soh, sol, sod,
+    B, H, L, T, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
+    USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
     SCHED: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr,
 ):
-    # ---- program -> (head, batch, query tile) ----
-    pid = tl.program_id(0)
+    """One work item (head, batch, query tile) -> its output rows."""
+    # ---- item -> (head, batch, query tile) ----
     n_qt = tl.cdiv(L, BLOCK_M)
     if SCHED == 2:
         # long programs first: [full heads, every query tile] [arrow heads, query tiles with text rows]
         # [arrow heads, image query tiles (wider bands first)] [skipped heads]. A text-row tile of an arrow
         # head visits every key tile (as long as a full-head tile); started last it would run alone for
         # a whole dense program's time after the short band tiles are done.
-        offs_h, rank, n_full, n_arrow = _rank_heads(HW, H, H_PAD)
         n_tq = tl.minimum(tl.cdiv(T, BLOCK_M), n_qt)
         n_iq = n_qt - n_tq
         seg_a = n_full * B * n_qt
@@ -166,7 +210,7 @@ def _arrow_fwd(
         b = rest % B
         slot = rest // B
         if SCHED == 1:  # heavy-first head order, query tile fastest
-            h = _head_for_slot(HW, slot, H, H_PAD)
+            h = tl.sum(tl.where(rank == slot, offs_h, 0), axis=0)
         else:  # plain head order (benchmark comparison only)
             h = slot
     w = tl.load(HW + h)
@@ -388,14 +432,54 @@ def _descriptor(x, layout: str, H: int, D: int, block_rows: int):
     return TensorDescriptor(x, [B, L, H, D], [sb, sl, D, 1], [1, block_rows, 1, D])
 
 
-def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, use_tma=None,
-            heavy_first=True, sched=None):
-    """Private launcher (tests and the benchmark pass explicit configs here)."""
+def _sm_count(device: torch.device) -> int:
+    n = _SM_COUNT.get(device.index)
+    if n is None:
+        n = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+_SM_COUNT: dict = {}
+
+
+def _persist_default(device: torch.device, head_dim: int, dtype: torch.dtype, B: int, H: int, L: int,
+                     BM: int) -> int:
+    """Static rule: persistent programs per SM (0 = one program per work item). See NOTES.md, session 3."""
+    return 0
+
+
+class _Plan:
+    """Everything a launch needs that depends only on the cache key (shapes, strides, dtypes, devices,
+    alignment, txt_len, sm_scale, layout, config): validated once, reused with new base pointers."""
+
+    __slots__ = ("grid", "tail", "opts", "descs", "runner", "empty", "device_index")
+
+
+_PLANS: dict = {}
+_PLANS_MAX = 256
+
+
+def _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, heavy_first, sched):
+    cfg_key = None if config is None else tuple(sorted(config.items()))
+    o_key = None if out is None else (out.shape, out.stride(), out.dtype, out.device, out.data_ptr() % 16)
+    dev = q.device
+    cur = torch.cuda.current_device() if dev.type == "cuda" else -1
+    return (layout, txt_len, sm_scale, cfg_key, use_tma, heavy_first, sched, cur,
+            q.shape, q.stride(), q.dtype, dev, q.data_ptr() % 16,
+            k.shape, k.stride(), k.dtype, k.device, k.data_ptr() % 16,
+            v.shape, v.stride(), v.dtype, v.device, v.data_ptr() % 16,
+            head_window.shape, head_window.dtype, head_window.device, head_window.data_ptr() % 16, o_key)
+
+
+def _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, heavy_first, sched):
     B, H, L, D = _validate(q, k, v, head_window, txt_len, layout, out)
+    plan = _Plan()
+    plan.runner = None
+    plan.device_index = q.device.index
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.empty_like(q)  # same strides as the tensor each later call allocates (key has q's)
     cfg = dict(config) if config is not None else _default_config(q.device, D, q.dtype)
     BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     use_tma = cfg.pop("TMA", False) if use_tma is None else use_tma
@@ -403,27 +487,86 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
     if sched is None:
         sched = cfg.pop("SCHED", 2) if heavy_first else 0
     cfg.pop("SCHED", None)
+    persist = cfg.pop("PERSIST", None)       # programs per SM (0: off); None: the static rule
+    persist_grid = cfg.pop("PERSIST_GRID", None)  # explicit program count (tests)
     flat = layout == "blhd_flat"
     use_tma = bool(use_tma) and q.device.type == "cuda" and not _interpreting() and _tma_ok((q, k, v), layout)
     if use_tma:
-        qd = _descriptor(q, layout, H, D, BM)
-        kd = _descriptor(k, layout, H, D, BN)
-        vd = _descriptor(v, layout, H, D, BN)
+        descs = [_descriptor(x, layout, H, D, bm) for x, bm in ((q, BM), (k, BN), (v, BN))]
     else:
-        qd = kd = vd = None
-    if B * H * L == 0:
-        return out
-    grid = (triton.cdiv(L, BM) * B * H,)
-    _arrow_fwd[grid](
-        q, k, v, out, head_window, qd, kd, vd,
+        descs = [None, None, None]
+    plan.descs = descs if use_tma else None
+    plan.empty = B * H * L == 0
+    n_items = triton.cdiv(L, BM) * B * H
+    if persist_grid is not None:
+        n_prog = int(persist_grid)
+    else:
+        if persist is None:
+            persist = _persist_default(q.device, D, q.dtype, B, H, L, BM) if q.device.type == "cuda" else 0
+        n_prog = int(persist) * _sm_count(q.device) if persist and q.device.type == "cuda" else 0
+    n_prog = min(n_prog, n_items)
+    plan.grid = (max(n_prog if n_prog > 0 else n_items, 1), 1, 1)
+    plan.tail = (
+        *descs,
         *_strides_4d(q, layout, H, D), *_strides_4d(k, layout, H, D),
         *_strides_4d(v, layout, H, D), *_strides_4d(out, layout, H, D),
         B, H, L, int(txt_len), float(sm_scale) * _LOG2E,
-        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, H_PAD=max(triton.next_power_of_2(H), 2),
-        USE_TMA=use_tma, FLAT=flat, IEEE=q.dtype == torch.float32 or _interpreting(),
-        SCHED=int(sched), INTERP=_interpreting(), WS=ws,
-        **cfg,
+        D, BM, BN, max(triton.next_power_of_2(H), 2),
+        use_tma, flat, q.dtype == torch.float32 or _interpreting(),
+        int(sched), _interpreting(), ws, n_prog > 0,
     )
+    plan.opts = cfg  # num_warps, num_stages
+    for d in descs:  # the plan keeps no tensor alive
+        if d is not None:
+            d.base = None
+    return plan
+
+
+def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, use_tma=None,
+            heavy_first=True, sched=None, fast=True):
+    """Private launcher (tests and the benchmark pass explicit configs here).
+
+    The first call for a key (shapes, strides, dtypes, devices, 16-byte alignment, txt_len, sm_scale,
+    layout, config) validates the inputs, builds the TMA descriptors and launches through Triton's JIT
+    (compiling if needed); later calls with the same key re-point the cached descriptors at the new
+    tensors and call the compiled kernel's launcher directly. fast=False: rebuild the plan every call.
+    """
+    txt_len = int(txt_len)
+    key = _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, heavy_first, sched)
+    plan = _PLANS.get(key) if fast else None
+    if plan is None:
+        plan = _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma,
+                           heavy_first, sched)
+        if fast:
+            if len(_PLANS) >= _PLANS_MAX:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    if out is None:
+        out = torch.empty_like(q)
+    if plan.empty:
+        return out
+    descs = plan.descs
+    if descs is not None:
+        descs[0].base = q
+        descs[1].base = k
+        descs[2].base = v
+    try:
+        runner = plan.runner  # None: not built yet; False: the direct launcher failed once, use the JIT path
+        if runner:
+            try:
+                runner(q, k, v, out, head_window, *plan.tail,
+                       stream=torch._C._cuda_getCurrentRawStream(plan.device_index))
+            except (TypeError, AttributeError):
+                # The compiled launcher is Triton-internal API: if a Triton release changes it, fall back to
+                # the JIT launch (slower host path, same kernel) instead of failing the attention call.
+                plan.runner = runner = False
+        if not runner:
+            compiled = _arrow_fwd[plan.grid](q, k, v, out, head_window, *plan.tail, **plan.opts)
+            if runner is None and fast and compiled is not None and not _interpreting() and q.device.type == "cuda":
+                plan.runner = getattr(compiled, "__getitem__", lambda grid: None)(plan.grid)
+    finally:
+        if descs is not None:
+            descs[0].base = descs[1].base = descs[2].base = None
     return out
 
 

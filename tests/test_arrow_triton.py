@@ -200,6 +200,38 @@ def test_variants(variant, B, L, T, layout):
 
 
 @cpu_only
+@pytest.mark.parametrize("grid", [1, 3, 7])
+@pytest.mark.parametrize("sched", [0, 2])
+@pytest.mark.parametrize("B,L,T,layout", [(2, 70, 33, "bhld"), (1, 131, 16, "blhd_flat"), (1, 37, 0, "bhld")])
+def test_persistent(grid, sched, B, L, T, layout):
+    # persistent walk (PERSIST_GRID programs, each strides over the long-first item list): same function,
+    # every item exactly once, skipped heads untouched
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, SCHED=sched, PERSIST_GRID=grid)
+    _check(B, 6, L, T, 16, layout, "mixed", torch.float32, "cpu", _F32_TOL, config=cfg, seed=L + T + grid)
+
+
+@cpu_only
+def test_plan_cache_reuse_with_new_tensors():
+    # the second call with the same key takes the cached plan (descriptors / launcher) with new pointers
+    at._PLANS.clear()
+    for seed in (21, 22):
+        _check(1, 5, 70, 16, 16, "bhld", "mixed", torch.float32, "cpu", _F32_TOL, seed=seed)
+    n = len(at._PLANS)
+    assert n >= 1
+    # another txt_len, another sm_scale, a strided view, out=None: new keys, still correct
+    _check(1, 5, 70, 17, 16, "bhld", "mixed", torch.float32, "cpu", _F32_TOL, seed=23)
+    _check(1, 5, 70, 16, 16, "bhld", "mixed", torch.float32, "cpu", _F32_TOL, seed=24, sm_scale=0.2)
+    _check(1, 5, 70, 16, 16, "bhld", "mixed", torch.float32, "cpu", _F32_TOL, seed=25, noncontig=True)
+    assert len(at._PLANS) == n + 3
+    gen = torch.Generator().manual_seed(26)
+    for _ in range(2):
+        q, k, v = _make_qkv(1, 3, 37, 16, "bhld", torch.float32, "cpu", gen)
+        hw = torch.tensor([FULL, 4, 0], dtype=torch.int32)
+        res = at.arrow_attention_triton(q, k, v, hw, 7)
+        assert _rel_err(res, reference(q, k, v, [FULL, 4, 0], 7, "bhld"), range(3)) <= _F32_TOL
+
+
+@cpu_only
 @pytest.mark.parametrize("layout", ["bhld", "blhd_flat"])
 def test_bf16(layout):
     _check(2, 5, 70, 5, 32, layout, "mixed", torch.bfloat16, "cpu", _BF16_TOL, seed=3)
@@ -275,7 +307,7 @@ def test_gpu_prefill_and_fp32(layout):
     _check(1, 5, 1234, 77, 128, layout, "mixed", torch.bfloat16, "cuda", _BF16_TOL, prefill=True, seed=10)
 
 
-_GPU_VARIANTS = [dict(SCHED=1), dict(BLOCK_N=64)]
+_GPU_VARIANTS = [dict(SCHED=1), dict(BLOCK_N=64), dict(PERSIST=1), dict(PERSIST=1, WS=False), dict(PERSIST=2)]
 
 
 @gpu
@@ -288,6 +320,38 @@ def test_gpu_variants(variant, B, H, L, T, D, layout, kind):
     cfg.update(variant)
     _check(B, H, L, T, D, layout, kind, torch.bfloat16, "cuda", _BF16_TOL, config=cfg, seed=L + T + 1,
            noncontig=(B == 2))
+
+
+@gpu
+@pytest.mark.skipif(not _HAS_CUDA or _INTERP, reason="needs CUDA (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("B,H,L,T,D,layout,kind", [_GPU_CASES[0], _GPU_CASES[3], _GPU_CASES[6]])
+def test_gpu_cached_launch_and_graph_replay(B, H, L, T, D, layout, kind):
+    # same key three times with fresh data (1st: JIT path, then the cached direct launcher), then a CUDA
+    # graph captured on the cached path and replayed on new data copied into the captured buffers
+    for seed in (31, 32, 33):
+        _check(B, H, L, T, D, layout, kind, torch.bfloat16, "cuda", _BF16_TOL, seed=seed)
+    gen = torch.Generator().manual_seed(34)
+    windows = _windows(kind, H, L, T, random.Random(34))[:H]
+    hw = torch.tensor(windows, dtype=torch.int32, device="cuda")
+    q, k, v = _make_qkv(B, H, L, D, layout, torch.bfloat16, "cuda", gen)
+    out = torch.full_like(q, float("nan"))
+    at.arrow_attention_triton(q, k, v, hw, T, layout=layout, out=out)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        at.arrow_attention_triton(q, k, v, hw, T, layout=layout, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        at.arrow_attention_triton(q, k, v, hw, T, layout=layout, out=out)
+    q2, k2, v2 = _make_qkv(B, H, L, D, layout, torch.bfloat16, "cuda", gen)
+    q.copy_(q2), k.copy_(k2), v.copy_(v2)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = reference(q2, k2, v2, windows, T, layout)
+    live = [h for h, w in enumerate(windows) if w != SKIP]
+    assert _rel_err(_to_bhld(out, layout, H), ref, live) <= _BF16_TOL
 
 
 @cpu_only

@@ -23,7 +23,7 @@ import torch
 
 from ..calibration.plan import LayerSpec, ModelSignature, Plan
 from ..kernels.cost import kept_pairs
-from ..kernels.engine import ArrowBackend, CallContext, HeadwiseEngine
+from ..kernels.engine import ArrowBackend, CallContext, DenseFn, HeadwiseEngine
 from ..kernels.methods import FULL, LayerDecision, MethodKind
 
 __all__ = [
@@ -33,9 +33,14 @@ __all__ = [
     "host_support",
     "model_signature",
     "apply_dfa",
+    "install_patch",
+    "HostPatch",
     "DFAPatch",
+    "CalibrationPatch",
     "RunSummary",
     "forward_options",
+    "standalone_run",
+    "finish_run",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,7 +56,21 @@ TO_PATCH = "dfav2_patch"  # the DFAPatch (configuration) in model_options["trans
 TO_RUN = "dfav2_run"  # the per-run _Run, only in the guider's per-run copy of model_options
 TO_FORWARD = "dfav2_forward"  # the per-forward _Forward, only in apply_model's copy of transformer_options
 
-_no_compile = getattr(getattr(torch, "compiler", None), "disable", lambda fn=None, **_: fn)
+
+
+def _no_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch.compiler.disable(fn)`, applied at the first call: keeps Python bookkeeping out of compiled graphs
+    without importing torch._dynamo (and with it Triton) when the pack is imported."""
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not disabled:
+            disable = getattr(getattr(torch, "compiler", None), "disable", None)
+            disabled.append(disable(fn) if disable is not None else fn)
+        return disabled[0](*args, **kwargs)
+
+    return wrapper
 
 
 # ------------------------------------------------------------------------------------------ host checks
@@ -206,12 +225,41 @@ class RunSummary:
 # ------------------------------------------------------------------------------------ the patch object
 
 
-class DFAPatch:
-    """Configuration of one applied plan; sits in the override slot of the patched MODEL.
+class HostPatch:
+    """What `install_patch` puts into the override slot of a cloned MODEL (one per Apply/Calibrate execution).
 
-    Outside a sampling run (no OUTER_SAMPLE wrapper around the call) it only passes through to the
-    previous override or the host backend, so it is exact. `last_summary` holds the last run's summary.
+    Outside a sampling run (no OUTER_SAMPLE wrapper around the call) it only passes through to the previous
+    override or the host backend, so it is exact. Each sampling run gets a fresh `new_run(...)` in its place.
     """
+
+    def __init__(self, *, info: _ModelInfo, backend: ArrowBackend, prev: Callable[..., Any] | None = None) -> None:
+        self.info = info
+        self.family = info.signature.family
+        self.backend: ArrowBackend = backend
+        self.prev = prev  # set by install_patch: the override that was in the slot before
+        # Flux: (block_type, block_index) as the host writes them -> signature layer index
+        self.flux_layers: dict[tuple[str, int], int] = {}
+        if self.family == "flux":
+            for i, spec in enumerate(info.signature.layers):
+                block_type, index = spec.name.split(".")
+                self.flux_layers[(block_type, int(index))] = i
+        self._active_runs: weakref.WeakSet[_Run] = weakref.WeakSet()
+
+    def __deepcopy__(self, memo: dict) -> HostPatch:  # ComfyUI <= 0.12 deep-copies model_options on clone()
+        return self
+
+    def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return _dense_call(self.prev, func, args, kwargs)
+
+    def new_run(self, prev: Callable[..., Any] | None, model_sampling: Any) -> _Run:
+        raise NotImplementedError
+
+    def end_run(self, run: _Run) -> None:
+        """Called once after each sampling run (in the OUTER_SAMPLE wrapper's `finally`)."""
+
+
+class DFAPatch(HostPatch):
+    """An applied plan (DFAApply). `last_summary` holds the last sampling run's summary."""
 
     def __init__(
         self,
@@ -221,34 +269,51 @@ class DFAPatch:
         start_percent: float,
         end_percent: float,
         backend: ArrowBackend,
-        prev: Callable[..., Any] | None,
+        prev: Callable[..., Any] | None = None,
         label: str = "",
     ) -> None:
+        super().__init__(info=info, backend=backend, prev=prev)
         self.plan = plan
-        self.info = info
-        self.family = info.signature.family
         self.start_percent = start_percent
         self.end_percent = end_percent
-        self.backend: ArrowBackend = backend
-        self.prev = prev
         self.label = label
-        # Flux: (block_type, block_index) as the host writes them -> plan layer index
-        self.flux_layers: dict[tuple[str, int], int] = {}
-        if self.family == "flux":
-            for i, spec in enumerate(info.signature.layers):
-                block_type, index = spec.name.split(".")
-                self.flux_layers[(block_type, int(index))] = i
         self.last_summary: RunSummary | None = None
-        self._active_runs: weakref.WeakSet[_Run] = weakref.WeakSet()
 
-    def __deepcopy__(self, memo: dict) -> DFAPatch:  # ComfyUI <= 0.12 deep-copies model_options on clone()
-        return self
+    def new_run(self, prev: Callable[..., Any] | None, model_sampling: Any) -> _Run:
+        return _PlanRun(self, prev, model_sampling)
 
-    def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return _dense_call(self.prev, func, args, kwargs)
+    def end_run(self, run: _Run) -> None:
+        summary = run.finish()
+        self.last_summary = summary
+        log.info("%s", summary.line())
 
     def __repr__(self) -> str:
         return f"DFAPatch({self.label or self.plan.description or 'plan'}, {self.info.signature.describe()})"
+
+
+class CalibrationPatch(HostPatch):
+    """A calibration pass (DFACalibrate): every routed attention call goes to `calibrator.attend(...)`.
+
+    After the run: `fallbacks` (reason -> calls that the calibrator did not see), `txt_len` (text tokens of the
+    first routed forward) and `error` (the first exception raised by the calibrator; those calls ran dense).
+    """
+
+    def __init__(self, *, info: _ModelInfo, calibrator: Any, backend: ArrowBackend = "auto",
+                 prev: Callable[..., Any] | None = None) -> None:
+        super().__init__(info=info, backend=backend, prev=prev)
+        self.calibrator = calibrator
+        self.fallbacks: dict[str, int] = {}
+        self.txt_len: int | None = None
+        self.error: BaseException | None = None
+        self.last_summary: RunSummary | None = None
+
+    def new_run(self, prev: Callable[..., Any] | None, model_sampling: Any) -> _Run:
+        return _CalibrationRun(self, prev, None)  # the whole schedule; no percent range
+
+    def end_run(self, run: _Run) -> None:
+        summary = run.finish()
+        self.last_summary = summary
+        self.fallbacks = dict(summary.fallbacks)
 
 
 def _dense_call(prev: Callable[..., Any] | None, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -290,6 +355,7 @@ class _Routed:
 class _Counters:
     attention_calls: int = 0
     passthrough_full_heads: int = 0
+    errors: int = 0
     fallbacks: Counter = field(default_factory=Counter)
     kept_pairs: int = 0
     dense_pairs: int = 0
@@ -304,20 +370,13 @@ def _pair_cost(decision: LayerDecision, txt_len: int, n_img: int, hit: bool) -> 
 
 
 class _Run:
-    """State of one sampling run: per-device engines (head caches), forward log, counters, warnings."""
+    """One sampling run of a HostPatch: routing (layer identity, geometry checks, dense fallbacks with one
+    warning per kind), forward log and counters. Subclasses decide positions and run the routed calls."""
 
-    def __init__(self, patch: DFAPatch, prev: Callable[..., Any] | None, model_sampling: Any) -> None:
+    def __init__(self, patch: HostPatch, prev: Callable[..., Any] | None, model_sampling: Any) -> None:
         self.patch = patch
         self.prev = prev
-        self.plan = patch.plan
         self.layers = patch.info.signature.layers
-        self.start_sigma = math.inf
-        self.end_sigma = -math.inf
-        if model_sampling is not None:
-            if patch.start_percent > 0.0:
-                self.start_sigma = float(model_sampling.percent_to_sigma(patch.start_percent))
-            if patch.end_percent < 1.0:
-                self.end_sigma = float(model_sampling.percent_to_sigma(patch.end_percent))
         self.engines: dict[torch.device, HeadwiseEngine] = {}
         self.forwards: list[ForwardRecord] = []
         self.counters = _Counters()
@@ -328,13 +387,24 @@ class _Run:
     def __deepcopy__(self, memo: dict) -> _Run:
         return self
 
-    # -- bookkeeping --------------------------------------------------------------------------------
-    def _engine(self, device: torch.device) -> HeadwiseEngine:
-        eng = self.engines.get(device)
-        if eng is None:
-            with self._lock:
-                eng = self.engines.setdefault(device, HeadwiseEngine(self.plan, backend=self.patch.backend))
-        return eng
+    # -- hooks for subclasses -------------------------------------------------------------------------
+    def position(self, sigma: float) -> int | None:
+        """Position of a forward at `sigma` (None: every call of the forward runs dense)."""
+        raise NotImplementedError
+
+    def shortcut(self, fwd: _Forward, layer: int, heads: int, seq_len: int, batch: int, head_dim: int) -> bool:
+        """True: this routed call runs exactly as the host would (no engine work needed)."""
+        return False
+
+    def forget(self, fwd: _Forward, layer: int, device: torch.device) -> None:
+        """The layer ran the host's attention instead of the routed path."""
+
+    def attend(self, r: _Routed, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn,
+               scale: float | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_error(self, exc: Exception) -> None:
+        self.fallback("engine", f"head-wise attention failed ({type(exc).__name__}: {exc})")
 
     def fallback(self, category: str, detail: str) -> None:
         self.counters.fallbacks[category] += 1
@@ -372,8 +442,7 @@ class _Run:
             p = self.patch.info.patch_size
             n_img = -(-int(x.shape[-2]) // p) * -(-int(x.shape[-1]) // p)
             txt_len = int(context.shape[1]) + self.patch.info.register_length
-            if self.end_sigma < sigma <= self.start_sigma:
-                position = self.plan.position_for_sigma(sigma)
+            position = self.position(sigma)
             chunks = to.get("uuids") or to.get("cond_or_uncond") or ()
             try:
                 chunk_key = tuple(chunks)
@@ -408,7 +477,7 @@ class _Run:
         try:
             return self._attend(routed, func, args, kwargs)
         except Exception as exc:  # noqa: BLE001
-            self.fallback("engine", f"head-wise attention failed ({type(exc).__name__}: {exc})")
+            self.on_error(exc)
             return self._dense(func, args, kwargs)
 
     def _dense(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -425,7 +494,7 @@ class _Run:
         c.attention_calls += 1
         to = kwargs.get("transformer_options")
         fwd = to.get(TO_FORWARD) if isinstance(to, dict) else None
-        if not isinstance(fwd, _Forward) or fwd.run is not self:
+        if not isinstance(fwd, _Forward) or fwd.run is not self or not isinstance(to, dict):
             return None  # not inside a forward of the patched model (e.g. a ControlNet): host attention
         if fwd.reason is not None:
             self.fallback(fwd.reason, fwd.reason)
@@ -448,6 +517,14 @@ class _Run:
                 return None
         if fwd.position is None:
             return None  # outside start/end percent: dense
+        routed = self._check_call(fwd, layer, args, kwargs)
+        if routed is None and args and torch.is_tensor(args[0]):
+            self.forget(fwd, layer, args[0].device)
+        return routed
+
+    def _check_call(self, fwd: _Forward, layer: int, args: tuple, kwargs: dict) -> _Routed | None:
+        assert fwd.position is not None
+        c = self.counters
         spec = self.layers[layer]
         # shapes and arguments
         if len(args) < 3 or len(args) > 4:
@@ -476,7 +553,11 @@ class _Run:
                 self.fallback("layout", f"unexpected query shape {tuple(q.shape)} for {heads} heads")
                 return None
             batch, _, seq_len, head_dim = q.shape
-        if k.shape != q.shape or v.shape != q.shape:
+        if flat:  # SD3 passes v (sometimes k) as [B, L, H, D] next to q [B, L, H*D]
+            same = all(t.shape == q.shape or t.shape == (batch, seq_len, heads, head_dim) for t in (k, v))
+        else:
+            same = k.shape == q.shape and v.shape == q.shape
+        if not same:
             self.fallback("Lq != Lk", f"query {tuple(q.shape)} and key/value {tuple(k.shape)}/{tuple(v.shape)} differ (KV cache?)")
             return None
         if heads != spec.heads or head_dim != spec.head_dim:
@@ -492,19 +573,14 @@ class _Run:
                 f"layer {spec.name}: sequence length {seq_len} is not text {txt_len} + image grid {fwd.n_img}",
             )
             return None
-        decision = self.plan.decision(fwd.position, layer)
-        if decision.all_full and not self.plan.keep_heads(fwd.position, layer):
-            c.passthrough_full_heads += heads
-            pairs = seq_len * seq_len * heads * batch * head_dim
-            c.kept_pairs += pairs
-            c.dense_pairs += pairs
+        if self.shortcut(fwd, layer, heads, seq_len, batch, head_dim):
             return None  # exactly the host call
         return _Routed(layer, fwd.position, txt_len, fwd.n_img, fwd.key, heads, head_dim, batch, seq_len, flat)
 
     def _attend(self, r: _Routed, func: Callable[..., Any], args: tuple, kwargs: dict) -> torch.Tensor:
         q, k, v = args[0], args[1], args[2]
         if r.flat:
-            q, k, v = (t.unflatten(-1, (r.heads, r.head_dim)).transpose(1, 2) for t in (q, k, v))
+            q, k, v = (t.reshape(r.batch, r.seq_len, r.heads, r.head_dim).transpose(1, 2) for t in (q, k, v))
         dense_kwargs = {key: val for key, val in kwargs.items() if key not in ("heads", "skip_reshape", "skip_output_reshape")}
 
         def dense(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
@@ -513,16 +589,7 @@ class _Run:
                 out = out.unflatten(-1, (q_.shape[1], q_.shape[-1])).transpose(1, 2)
             return out
 
-        engine = self._engine(q.device)
-        stats = engine.stats
-        hits_before = stats.cache_hits
-        ctx = CallContext(layer=r.layer, position=r.position, txt_len=r.txt_len, cache_key=r.key)
-        out = engine.attend(ctx, q, k, v, dense=dense, scale=kwargs.get("scale"))
-        decision = self.plan.decision(r.position, r.layer)
-        hit = not decision.cache_heads or stats.cache_hits > hits_before
-        kept, dense_pairs = _pair_cost(decision, r.txt_len, r.n_img, hit)
-        self.counters.kept_pairs += kept * r.batch * r.head_dim
-        self.counters.dense_pairs += dense_pairs * r.batch * r.head_dim
+        out = self.attend(r, q, k, v, dense, kwargs.get("scale"))
         if kwargs.get("skip_output_reshape", False):
             return out
         return out.transpose(1, 2).reshape(r.batch, r.seq_len, r.heads * r.head_dim)
@@ -557,6 +624,94 @@ class _Run:
             eng.reset()
         self.engines.clear()
         return summary
+
+
+class _PlanRun(_Run):
+    """A DFAApply run: positions from the plan by sigma, per-device HeadwiseEngines with their head caches."""
+
+    patch: DFAPatch
+
+    def __init__(self, patch: DFAPatch, prev: Callable[..., Any] | None, model_sampling: Any) -> None:
+        super().__init__(patch, prev, model_sampling)
+        self.plan = patch.plan
+        self.start_sigma = math.inf
+        self.end_sigma = -math.inf
+        if model_sampling is not None:
+            if patch.start_percent > 0.0:
+                self.start_sigma = float(model_sampling.percent_to_sigma(patch.start_percent))
+            if patch.end_percent < 1.0:
+                self.end_sigma = float(model_sampling.percent_to_sigma(patch.end_percent))
+
+    def _engine(self, device: torch.device) -> HeadwiseEngine:
+        eng = self.engines.get(device)
+        if eng is None:
+            with self._lock:
+                eng = self.engines.setdefault(device, HeadwiseEngine(self.plan, backend=self.patch.backend))
+        return eng
+
+    def position(self, sigma: float) -> int | None:
+        if self.end_sigma < sigma <= self.start_sigma:
+            return self.plan.position_for_sigma(sigma)
+        return None
+
+    def shortcut(self, fwd: _Forward, layer: int, heads: int, seq_len: int, batch: int, head_dim: int) -> bool:
+        assert fwd.position is not None
+        if self.plan.decision(fwd.position, layer).all_full and not self.plan.keep_heads(fwd.position, layer):
+            c = self.counters
+            c.passthrough_full_heads += heads
+            pairs = seq_len * seq_len * heads * batch * head_dim
+            c.kept_pairs += pairs
+            c.dense_pairs += pairs
+            return True
+        return False
+
+    def forget(self, fwd: _Forward, layer: int, device: torch.device) -> None:
+        eng = self.engines.get(device)
+        if eng is not None and fwd.position is not None:  # no older output of this layer may be reused later
+            eng.forget(CallContext(layer, fwd.position, fwd.txt_len, fwd.key))
+
+    def attend(self, r: _Routed, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn,
+               scale: float | None) -> torch.Tensor:
+        engine = self._engine(q.device)
+        stats = engine.stats
+        hits_before = stats.cache_hits
+        ctx = CallContext(layer=r.layer, position=r.position, txt_len=r.txt_len, cache_key=r.key)
+        out = engine.attend(ctx, q, k, v, dense=dense, scale=scale)
+        decision = self.plan.decision(r.position, r.layer)
+        hit = not decision.cache_heads or stats.cache_hits > hits_before
+        kept, dense_pairs = _pair_cost(decision, r.txt_len, r.n_img, hit)
+        self.counters.kept_pairs += kept * r.batch * r.head_dim
+        self.counters.dense_pairs += dense_pairs * r.batch * r.head_dim
+        return out
+
+
+class _CalibrationRun(_Run):
+    """A DFACalibrate run: every routed call goes to the calibrator (which measures and decides)."""
+
+    patch: CalibrationPatch
+
+    def position(self, sigma: float) -> int | None:
+        if self.patch.error is not None:
+            return None
+        try:
+            self.patch.calibrator.begin_forward(sigma)
+            return int(self.patch.calibrator.position)
+        except Exception as exc:  # noqa: BLE001 - reported by calibrate_dfa after the run
+            self.on_error(exc)
+            return None
+
+    def attend(self, r: _Routed, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn,
+               scale: float | None) -> torch.Tensor:
+        if self.patch.txt_len is None and not self.layers[r.layer].image_only:
+            self.patch.txt_len = r.txt_len
+        nxt = r.layer + 1 if r.layer + 1 < len(self.layers) else None
+        return self.patch.calibrator.attend(r.layer, r.txt_len, q, k, v, dense=dense, chunk=r.key, next_layer=nxt)
+
+    def on_error(self, exc: Exception) -> None:
+        if self.patch.error is None:
+            self.patch.error = exc
+            log.error("DiTFastAttnV2 calibration: %s: %s", type(exc).__name__, exc)
+        self.counters.errors += 1
 
 
 def _has_block_replace(to: dict) -> bool:
@@ -611,17 +766,17 @@ def _apply_model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
     return out
 
 
-def begin_run(patch: DFAPatch, model_options: dict, model_sampling: Any) -> _Run:
+def begin_run(patch: HostPatch, model_options: dict, model_sampling: Any) -> _Run:
     """Install a fresh run for `patch` into `model_options` (a per-run copy) and return it."""
     to = model_options.setdefault("transformer_options", {})
     cur = to.get(SLOT)
-    if cur is patch or isinstance(cur, (DFAPatch, _Run)):
+    if cur is patch or isinstance(cur, (HostPatch, _Run)):
         prev = patch.prev
     else:
         prev = cur  # a non-chaining override installed after us: keep it for the dense heads
         if cur is not None:
             log.info("DiTFastAttnV2: another attention override was installed after DFAApply; chaining it for dense heads")
-    run = _Run(patch, prev, model_sampling)
+    run = patch.new_run(prev, model_sampling)
     to[TO_RUN] = run
     to[SLOT] = run
     patch._active_runs.add(run)
@@ -631,9 +786,10 @@ def begin_run(patch: DFAPatch, model_options: dict, model_sampling: Any) -> _Run
 def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
     guider = executor.class_obj
     orig = getattr(guider, "model_options", None)
-    patch = (orig or {}).get("transformer_options", {}).get(TO_PATCH)
-    if not isinstance(patch, DFAPatch) or isinstance(orig["transformer_options"].get(TO_RUN), _Run):
+    to = orig.get("transformer_options") if isinstance(orig, dict) else None
+    if not isinstance(to, dict) or not isinstance(to.get(TO_PATCH), HostPatch) or isinstance(to.get(TO_RUN), _Run):
         return executor(*args, **kwargs)
+    patch = to[TO_PATCH]
     import comfy.model_patcher
 
     options = comfy.model_patcher.create_model_options_clone(orig)
@@ -644,17 +800,17 @@ def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         return executor(*args, **kwargs)
     finally:
         guider.model_options = orig
-        summary = run.finish()
-        patch.last_summary = summary
-        log.info("%s", summary.line())
+        patch.end_run(run)
 
 
 def _on_prepare_state(patcher: Any, timestep: Any = None, model_options: dict | None = None, *_: Any, **__: Any) -> None:
     """Stay on top of the override slot: a node that replaced it during the run gets chained, not lost."""
     if not isinstance(model_options, dict):
-        return  # ComfyUI < 0.4 calls prepare_state without model_options
+        return  # older hosts (0.3.64) call prepare_state without model_options
     to = model_options.get("transformer_options")
-    run = to.get(TO_RUN) if isinstance(to, dict) else None
+    if not isinstance(to, dict):
+        return
+    run = to.get(TO_RUN)
     if isinstance(run, _Run) and to.get(SLOT) is not run:
         cur = to.get(SLOT)
         if cur is not None and cur is not run.patch:
@@ -662,7 +818,7 @@ def _on_prepare_state(patcher: Any, timestep: Any = None, model_options: dict | 
         to[SLOT] = run
 
 
-def _on_cleanup(patch: DFAPatch, patcher: Any, *_: Any, **__: Any) -> None:
+def _on_cleanup(patch: HostPatch, patcher: Any, *_: Any, **__: Any) -> None:
     for run in list(patch._active_runs):
         run.release()
 
@@ -717,13 +873,24 @@ def apply_dfa(
             f"the plan does not fit this model: {problem}. Plan: {plan.model.describe()}; model: {sig.describe()}. "
             "Calibrate a plan for this model."
         )
+    patch = DFAPatch(
+        plan=plan, info=info, start_percent=float(start_percent), end_percent=float(end_percent),
+        backend=backend, label=label,
+    )
+    return install_patch(model, patch)
+
+
+def install_patch(model: Any, patch: HostPatch) -> Any:
+    """Clone `model` and install `patch`: the override slot (chaining what was there; an earlier DFA patch is
+    replaced, not chained), keyed OUTER_SAMPLE / APPLY_MODEL wrappers and ON_PREPARE_STATE / ON_CLEANUP
+    callbacks. The input model is not modified. Sets `patch.prev`."""
     import comfy.patcher_extension as pe
 
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
     prev = to.get(SLOT)
-    if isinstance(prev, DFAPatch):
-        log.info("DiTFastAttnV2: the model already had a plan applied; the new plan replaces it")
+    if isinstance(prev, HostPatch):
+        log.info("DiTFastAttnV2: the model already had a DiTFastAttnV2 patch; the new one replaces it")
         prev = prev.prev
     elif isinstance(prev, _Run):
         prev = prev.patch.prev
@@ -731,10 +898,7 @@ def apply_dfa(
         m.remove_wrappers_with_key(kind, WRAPPER_KEY)
     for kind in (pe.CallbacksMP.ON_PREPARE_STATE, pe.CallbacksMP.ON_CLEANUP):
         m.remove_callbacks_with_key(kind, WRAPPER_KEY)
-    patch = DFAPatch(
-        plan=plan, info=info, start_percent=float(start_percent), end_percent=float(end_percent),
-        backend=backend, prev=prev, label=label,
-    )
+    patch.prev = prev
     to[TO_PATCH] = patch
     to[SLOT] = patch
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
@@ -742,3 +906,28 @@ def apply_dfa(
     m.add_callback_with_key(pe.CallbacksMP.ON_PREPARE_STATE, WRAPPER_KEY, _on_prepare_state)
     m.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, functools.partial(_on_cleanup, patch))
     return m
+
+
+def standalone_run(
+    model: Any, plan: Plan, *, backend: ArrowBackend = "auto", prev: Callable[..., Any] | None = None
+) -> dict:
+    """transformer_options with a fresh run of `plan`, for driving a diffusion model directly (no sampler).
+
+    Per forward, pass ``forward_options(to, x, sigma, context)`` as the model's transformer_options;
+    ``finish_run(to)`` returns the RunSummary. Used by bench/bench_overhead.py.
+    """
+    info = _model_info(model)
+    problem = plan.model.mismatch(info.signature)
+    if problem is not None:
+        raise ValueError(f"the plan does not fit this model: {problem}")
+    patch = DFAPatch(plan=plan, info=info, start_percent=0.0, end_percent=1.0, backend=backend, prev=prev)
+    options: dict = {"transformer_options": {TO_PATCH: patch}}
+    begin_run(patch, options, None)
+    return options["transformer_options"]
+
+
+def finish_run(transformer_options: dict) -> RunSummary:
+    run = transformer_options[TO_RUN]
+    summary = run.finish()
+    run.patch.last_summary = summary
+    return summary

@@ -1,0 +1,205 @@
+"""Overhead of the DFAApply host adapter on ComfyUI's own Flux class (issue 3 §8).
+
+One Flux-dev-geometry forward (19 double + 38 single blocks, 24 × 128 heads, random bf16 weights, 2048², text 512)
+per timed call, side by side in one process:
+
+  unpatched          the model as loaded (host attention, no override)
+  hook_passthrough   a bare override that calls the host backend (cost of the host hook itself)
+  dfa_all_full       the adapter with an all-full plan (routing + per-forward set-up; must be <= 1 % over unpatched)
+  dfa_arrow8_<be>    the adapter with a uniform arrow/8 plan through the reference engine (backend "flex")
+
+GPU: `triton.testing.do_bench` median. `--tiny`: a tiny Flux on CPU (wall-clock median), to check the script runs.
+ComfyUI comes from COMFYUI_PATH or the lean tree `.comfy/` in the repository root.
+
+    python bench/bench_overhead.py                 # H200: prints a table, writes $OUT/bench_overhead.json
+    python bench/bench_overhead.py --tiny          # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FLUX_DEV: dict[str, Any] = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
+                num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+                qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
+FLUX_TINY: dict[str, Any] = dict(FLUX_DEV, vec_in_dim=32, context_in_dim=64, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=4)
+
+
+def _load_pack(name: str = "dfav2"):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _import_host(cpu: bool) -> str:
+    comfy_dir = Path(os.environ.get("COMFYUI_PATH") or ROOT / ".comfy").resolve()
+    if not (comfy_dir / "comfy" / "model_patcher.py").is_file():
+        raise SystemExit(f"no ComfyUI tree at {comfy_dir}: set COMFYUI_PATH or provide the lean tree .comfy/")
+    sys.path.insert(0, str(comfy_dir))
+    sys.path.insert(0, str(ROOT / "tests" / "host"))
+    from tv_shim_cpu import install_torchvision_shim  # CPU torch + CUDA torchvision wheel (no-op elsewhere)
+
+    install_torchvision_shim()
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    if cpu:
+        comfy.cli_args.args.cpu = True
+    try:
+        from comfyui_version import __version__
+    except ImportError:
+        __version__ = "unknown"
+    return str(__version__)
+
+
+def _timer(device_type: str, warmup_ms: float, rep_ms: float):
+    if device_type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+    def wall(fn, reps: int = 7):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return wall
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny Flux on CPU (smoke run)")
+    ap.add_argument("--res", type=int, default=2048, help="image side in pixels (default 2048)")
+    ap.add_argument("--txt", type=int, default=512, help="text tokens (default 512)")
+    ap.add_argument("--backend", default="flex", help="arrow backend of the engine (default flex)")
+    ap.add_argument("--rep-ms", type=float, default=8000.0, help="do_bench rep time per variant in ms")
+    ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_overhead.json or bench/results/)")
+    a = ap.parse_args()
+
+    import torch
+
+    cuda = torch.cuda.is_available() and not a.tiny
+    host_version = _import_host(cpu=not cuda)
+    _load_pack()
+    import comfy.ldm.modules.attention as attention
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    from dfav2.calibration.plan import Plan
+    from dfav2.kernels.methods import FULL, arrow
+    from dfav2.nodes.adapter import finish_run, forward_options, model_signature, standalone_run
+
+    dev = torch.device("cuda" if cuda else "cpu")
+    dt = torch.bfloat16 if cuda else torch.float32
+    res, txt = (256, 32) if a.tiny else (a.res, a.txt)
+    cfg = FLUX_TINY if a.tiny else FLUX_DEV
+    torch.manual_seed(0)
+    m = Flux(dtype=dt, device=dev, operations=comfy.ops.disable_weight_init, **cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    m.eval()
+    sig = model_signature(m)
+    sigmas = [1.0, 0.75, 0.5, 0.25]
+    full_plan = Plan.uniform(sig, sigmas, FULL, first_full=False, description="all full")
+    arrow_plan = Plan.uniform(sig, sigmas, arrow(8), first_full=False, description="uniform arrow/8")
+
+    x = torch.randn(1, 16, res // 8, res // 8, device=dev, dtype=dt)
+    ctx = torch.randn(1, txt, cfg["context_in_dim"], device=dev, dtype=dt)
+    y = torch.randn(1, cfg["vec_in_dim"], device=dev, dtype=dt)
+    g = torch.tensor([3.5], device=dev, dtype=dt)
+    t = torch.tensor([0.5], device=dev, dtype=dt)  # sigma 0.5 -> plan position 2
+    sigma = torch.tensor([0.5], device=dev, dtype=torch.float32)
+
+    def passthrough(func, *args, **kwargs):
+        return func(*args, **kwargs)
+
+    runs = {"dfa_all_full": standalone_run(m, full_plan, backend=a.backend),
+            f"dfa_arrow8_{a.backend}": standalone_run(m, arrow_plan, backend=a.backend)}
+
+    def forward(to):
+        with torch.no_grad():
+            return m(x, t, ctx, y=y, guidance=g, transformer_options=to)
+
+    def with_run(base):
+        return lambda: forward(forward_options(base, x, sigma, ctx))
+
+    variants = {
+        "unpatched": lambda: forward({}),
+        "hook_passthrough": lambda: forward({"optimized_attention_override": passthrough}),
+        **{name: with_run(base) for name, base in runs.items()},
+    }
+    bench = _timer(dev.type, warmup_ms=1000.0, rep_ms=a.rep_ms)
+    with torch.no_grad():
+        ref = forward({})
+        checks = {name: (fn() - ref).abs().max().item() for name, fn in variants.items()}  # also compiles flex
+    times = {}
+    for name, fn in variants.items():  # interleave a second pass to expose drift
+        times[name] = bench(fn)
+    second = {name: bench(fn) for name, fn in variants.items()} if cuda else {}
+    summaries = {name: finish_run(base) for name, base in runs.items()}
+
+    base_ms = times["unpatched"]
+    rows = []
+    for name in variants:
+        ms = times[name] if not second else min(times[name], second[name])
+        rows.append({
+            "variant": name, "ms": ms, "ms_pass1": times[name], "ms_pass2": second.get(name),
+            "vs_unpatched_pct": 100.0 * (ms / min(base_ms, second.get("unpatched", base_ms)) - 1.0),
+            "max_abs_diff_vs_unpatched": checks[name],
+        })
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__, "comfyui": host_version,
+        "host_attention": attention.optimized_attention.__name__,
+        "geometry": {"res": res, "txt_len": txt, "img_tokens": (res // 16) ** 2, "heads": cfg["num_heads"],
+                     "head_dim": cfg["hidden_size"] // cfg["num_heads"], "double": cfg["depth"],
+                     "single": cfg["depth_single_blocks"], "dtype": str(dt).replace("torch.", "")},
+        "timer": "triton do_bench median" if cuda else "wall-clock median of 7",
+        "rows": rows,
+        "engine": {name: {"engine_calls": s.engine_calls, "fallbacks": s.fallbacks, "flops_saved": s.flops_saved}
+                   for name, s in summaries.items()},
+    }
+    print(f"# DFAApply overhead, ComfyUI {host_version} Flux class, {info['device']}, {res}², text {txt}, "
+          f"{info['geometry']['dtype']}, host attention {info['host_attention']}, {info['timer']}")
+    print(f"| variant | ms / forward | vs unpatched | max |Δ| vs unpatched |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['ms']:.2f} | {r['vs_unpatched_pct']:+.2f}% | {r['max_abs_diff_vs_unpatched']:.3g} |")
+    for name, s in summaries.items():
+        print(f"{name}: {s.line()}")
+    out = Path(a.out) if a.out else Path(os.environ.get("OUT") or ROOT / "bench" / "results") / "bench_overhead.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=1) + "\n")
+    print(f"wrote {out}")
+    bad = [n for n, s in summaries.items() if s.fallbacks]
+    if checks["dfa_all_full"] != 0.0 or bad:
+        print(f"FAILED: all-full diff {checks['dfa_all_full']}, fallbacks in {bad}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

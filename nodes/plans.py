@@ -1,0 +1,79 @@
+"""Plan files in ComfyUI: the `dfa_plans` model folder (`.json` only), dropdown options, loading, fingerprints.
+
+Plans live in ``models/dfa_plans`` (or any ``dfa_plans:`` entry of ``extra_model_paths.yaml``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from ..calibration.plan import Plan, PlanError, load_plan
+
+__all__ = ["FOLDER", "NO_PLAN", "register_plan_folder", "plan_options", "resolve_plan_path", "load_plan_file", "plan_fingerprint"]
+
+FOLDER = "dfa_plans"
+#: Dropdown entry meaning "no file: use the connected DFA_PLAN input".
+NO_PLAN = "none"
+
+
+def register_plan_folder() -> None:
+    """Register ``<models>/dfa_plans`` with folder_paths and restrict the folder to ``.json`` files.
+
+    Idempotent; keeps paths a user added through extra_model_paths.yaml (those are loaded first).
+    """
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    try:
+        folder_paths.add_model_folder_path(FOLDER, default, is_default=True)
+    except TypeError:  # very old hosts: no is_default
+        folder_paths.add_model_folder_path(FOLDER, default)
+    paths, _ = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, {".json"})
+
+
+def plan_options() -> list[str]:
+    """Dropdown values: the plan files found now, then NO_PLAN."""
+    import folder_paths
+
+    try:
+        files = [f for f in folder_paths.get_filename_list(FOLDER) if f.lower().endswith(".json")]
+    except KeyError:
+        files = []
+    return sorted(files) + [NO_PLAN]
+
+
+def resolve_plan_path(name: str) -> str:
+    import folder_paths
+
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
+        raise ValueError(f"plan file {name!r} was not found in the dfa_plans folders ({folders})")
+    return path
+
+
+def load_plan_file(name: str) -> Plan:
+    """Load and validate a plan chosen in the dropdown; errors name the file and the bad field."""
+    if name == NO_PLAN:
+        raise ValueError(
+            "no plan selected: put a plan .json into models/dfa_plans and pick it, or connect a DFA_PLAN input"
+        )
+    path = resolve_plan_path(name)
+    try:
+        return load_plan(path)
+    except PlanError as exc:
+        raise ValueError(f"plan file {name!r} is not a valid DiTFastAttnV2 plan: {exc}") from None
+
+
+def plan_fingerprint(name: str) -> str:
+    """Content hash of a plan file (so editing the file re-runs the node); the name if it cannot be read."""
+    if name == NO_PLAN:
+        return NO_PLAN
+    try:
+        path = resolve_plan_path(name)
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except (OSError, ValueError):
+        return f"missing:{name}"

@@ -1,0 +1,270 @@
+"""Host-test environment: find a real ComfyUI, import it in-process on CPU, build tiny models, sample.
+
+ComfyUI is found through ``COMFYUI_PATH`` or because this pack sits in ``ComfyUI/custom_nodes/<pack>``.
+Without one, `SKIP_REASON` says why and every host test module skips itself at collection.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from tv_shim_cpu import install_torchvision_shim
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def _find_host() -> tuple[Path | None, str | None]:
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        p = Path(env).expanduser().resolve()
+        if (p / "comfy" / "model_patcher.py").is_file():
+            return p, None
+        return None, f"COMFYUI_PATH={env} is not a ComfyUI tree (no comfy/model_patcher.py)"
+    parent = PACK_ROOT.parent
+    if parent.name == "custom_nodes" and (parent.parent / "comfy" / "model_patcher.py").is_file():
+        return parent.parent, None
+    return None, (
+        "no ComfyUI host: set COMFYUI_PATH=/path/to/ComfyUI (or put the pack in ComfyUI/custom_nodes) to run "
+        "the host tests"
+    )
+
+
+COMFY_PATH, SKIP_REASON = _find_host()
+_IMPORTED: dict = {}
+
+
+def import_host() -> str | None:
+    """Import ComfyUI in-process on CPU (once); returns None, or why the host cannot be used.
+
+    Called at test time, not at collection, so that test modules which configure Triton before importing it
+    (TRITON_INTERPRET) are collected before ComfyUI (comfy-kitchen) imports Triton.
+    """
+    if "error" in _IMPORTED:
+        return _IMPORTED["error"]
+    error = SKIP_REASON
+    if COMFY_PATH is not None:
+        try:
+            install_torchvision_shim()
+            if str(COMFY_PATH) not in sys.path:
+                sys.path.insert(0, str(COMFY_PATH))
+            import comfy.options
+
+            comfy.options.enable_args_parsing(False)
+            import comfy.cli_args
+            import torch
+
+            if not torch.cuda.is_available():
+                comfy.cli_args.args.cpu = True
+            import comfy.model_management  # noqa: F401
+            import comfy.sd  # noqa: F401
+            import comfy_api.latest  # noqa: F401
+            import nodes  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            error = f"ComfyUI at {COMFY_PATH} could not be imported: {type(exc).__name__}: {exc}"
+    _IMPORTED["error"] = error
+    return error
+
+
+def host_version() -> str:
+    try:
+        from comfyui_version import __version__
+
+        return str(__version__)
+    except ImportError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------- tiny models
+
+FLUX_KW = dict(
+    in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=256, mlp_ratio=4.0, num_heads=2,
+    depth=2, depth_single_blocks=4, axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
+    guidance_embed=True, txt_ids_dims=[],
+)
+SD3_KW = dict(
+    depth=2, patch_size=2, in_channels=16, out_channels=16, adm_in_channels=64,
+    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
+    num_patches=4096, pos_embed_max_size=64, qk_norm="rms",
+)
+CONTEXT_DIM = 64
+POOLED_DIM = {"flux": 32, "sd3": 64, "sd35m": 64}
+
+
+def _real_key(k: str) -> str:
+    # BFL checkpoints name Flux's QK-RMSNorm parameter ".scale"; newer ComfyUI calls it ".weight" in the module.
+    return k[: -len(".weight")] + ".scale" if k.endswith("_norm.weight") else k
+
+
+def _init(module, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for k in sorted(params, key=_real_key):
+            params[k].copy_(torch.randn(params[k].shape, generator=g) * 0.02)
+    return module
+
+
+def build_flux():
+    import dataclasses
+
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux, FluxParams
+
+    fields = {f.name for f in dataclasses.fields(FluxParams)}
+    kw = {k: v for k, v in FLUX_KW.items() if k in fields}
+    return _init(Flux(operations=comfy.ops.disable_weight_init, **kw), 0)
+
+
+def build_sd3(attn2: bool):
+    import comfy.ops
+    import torch
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper, get_2d_sincos_pos_embed
+
+    kw = dict(SD3_KW, x_block_self_attn_layers=[0] if attn2 else [])
+    m = _init(OpenAISignatureMMDITWrapper(operations=comfy.ops.disable_weight_init, **kw), 2 if attn2 else 1)
+    pe = get_2d_sincos_pos_embed(m.pos_embed.shape[-1], SD3_KW["pos_embed_max_size"])
+    with torch.no_grad():  # pos_embed is allocated with torch.empty; real checkpoints carry this table
+        m.pos_embed.copy_(torch.from_numpy(pe).float().reshape(m.pos_embed.shape))
+    return m
+
+
+def save_model(module, path: Path) -> Path:
+    import safetensors.torch
+
+    sd = {_real_key(k): v.contiguous() for k, v in module.state_dict().items()}
+    safetensors.torch.save_file(sd, str(path))
+    return path
+
+
+def write_tiny_models(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "flux": save_model(build_flux(), folder / "tiny_flux.safetensors"),
+        "sd3": save_model(build_sd3(False), folder / "tiny_sd3.safetensors"),
+        "sd35m": save_model(build_sd3(True), folder / "tiny_sd35m.safetensors"),
+    }
+
+
+def load_model(family: str, path: Path):
+    """The host's own loader; tiny Flux on hosts that hard-code Flux-dev dims goes the manual route."""
+    import comfy.sd
+
+    try:
+        return comfy.sd.load_diffusion_model(str(path))
+    except RuntimeError:
+        if family != "flux":
+            raise
+    return load_flux_manual(path)
+
+
+def load_flux_manual(path: Path):
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.utils
+    import torch
+
+    sd = comfy.utils.load_torch_file(str(path))
+    unet_config = {"image_model": "flux", **{k: v for k, v in FLUX_KW.items() if k != "txt_ids_dims"}}
+    model_config = comfy.supported_models.Flux(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    dev = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=comfy.model_management.unet_offload_device())
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+
+def conditioning(family: str, tokens: int = 32, seed: int = 0, **extra):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(1, tokens, CONTEXT_DIM, generator=g)
+    pooled = torch.randn(1, POOLED_DIM[family], generator=g)
+    return [[ctx, {"pooled_output": pooled, "guidance": 3.5, **extra}]]
+
+
+def empty_latent(width: int, height: int, batch: int = 1) -> dict:
+    from comfy_extras.nodes_sd3 import EmptySD3LatentImage
+
+    out = EmptySD3LatentImage.execute(width, height, batch)
+    return out.args[0] if hasattr(out, "args") else out[0]
+
+
+def ksample(model, family: str, *, sampler: str = "euler", cfg: float = 1.0, steps: int = 4, width: int = 256,
+            height: int = 256, batch: int = 1, pos_tokens: int = 32, neg_tokens: int = 32, seed: int = 0,
+            pos_extra: dict | None = None, neg_extra: dict | None = None):
+    """The host's own KSampler (nodes.common_ksampler), scheduler 'simple'; returns the latent tensor."""
+    import nodes
+
+    pos = conditioning(family, pos_tokens, 1, **(pos_extra or {}))
+    neg = conditioning(family, neg_tokens, 2, **(neg_extra or {}))
+    latent = empty_latent(width, height, batch)
+    return nodes.common_ksampler(model, seed, steps, cfg, sampler, "simple", pos, neg, latent)[0]["samples"]
+
+
+def schedule_sigmas(model, steps: int = 4) -> list[float]:
+    import comfy.samplers
+
+    ms = model.get_model_object("model_sampling")
+    return [float(s) for s in comfy.samplers.calculate_sigmas(ms, "simple", steps)]
+
+
+# ------------------------------------------------------------------------------------------- plans
+
+
+def plans_module():
+    import dfav2.calibration.plan as plan_mod
+    import dfav2.kernels.methods as methods
+
+    return plan_mod, methods
+
+
+def all_full_plan(signature, sigmas):
+    plan_mod, methods = plans_module()
+    return plan_mod.Plan.uniform(signature, [s for s in sigmas if s > 0], methods.FULL, description="all full")
+
+
+def arrow_cache_plan(signature, sigmas, factor: int = 8):
+    """Position 0 full; later positions: even layers (arrow/f, cache, ...), odd layers (cache, full, ...)."""
+    plan_mod, methods = plans_module()
+    positions = []
+    for p, s in enumerate(x for x in sigmas if x > 0):
+        layers = []
+        for li, spec in enumerate(signature.layers):
+            if p == 0:
+                ms = [methods.FULL] * spec.heads
+            elif li % 2 == 0:
+                ms = [methods.arrow(factor) if h % 2 == 0 else methods.CACHE for h in range(spec.heads)]
+            else:
+                ms = [methods.CACHE if h % 2 == 0 else methods.FULL for h in range(spec.heads)]
+            layers.append(methods.LayerDecision(tuple(ms)))
+        positions.append(plan_mod.PlanPosition(float(s), tuple(layers)))
+    return plan_mod.Plan(signature, tuple(positions), None, f"arrow/{factor} + cache test plan")
+
+
+def expected_cache_counts(plan, forwards) -> tuple[int, int]:
+    """(hits, misses) the plan implies for a run's forwards: a cached head hits iff the previous forward with the
+    same cache key kept it (the engine keeps `plan.keep_heads` of each routed forward)."""
+    hits = misses = 0
+    stored: dict = {}
+    for f in forwards:
+        if f.position is None:
+            continue
+        for li in range(len(plan.model.layers)):
+            need = plan.decision(f.position, li).cache_heads
+            have = stored.get((f.cache_key, li), ())
+            if need:
+                if set(need) <= set(have):
+                    hits += len(need)
+                else:
+                    misses += len(need)
+            stored[(f.cache_key, li)] = plan.keep_heads(f.position, li)
+    return hits, misses

@@ -1,0 +1,34 @@
+"""Start a real ComfyUI server for the host tests: `python launch_host.py <ComfyUI dir> <main.py args...>`.
+
+Installs the torchvision CPU shim right before the first `import torchvision` (see dfa_hostenv), then runs
+ComfyUI's main.py with runpy. Test-only.
+"""
+
+import importlib.abc
+import os
+import runpy
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class _ShimOnTorchvision(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            sys.meta_path.remove(self)
+            sys.path.insert(0, HERE)
+            try:
+                from tv_shim_cpu import install_torchvision_shim
+            finally:
+                sys.path.remove(HERE)
+            install_torchvision_shim()
+        return None
+
+
+if __name__ == "__main__":
+    comfy = os.path.abspath(sys.argv[1])
+    sys.meta_path.insert(0, _ShimOnTorchvision())
+    sys.argv = [os.path.join(comfy, "main.py")] + sys.argv[2:]
+    sys.path.insert(0, comfy)
+    os.environ.pop("COMFYUI_PATH", None)
+    runpy.run_path(sys.argv[0], run_name="__main__")

@@ -1,0 +1,207 @@
+"""A real headless ComfyUI server on 127.0.0.1 with this pack in custom_nodes: /object_info shows the nodes, the
+plan dropdown lists models/dfa_plans (+ extra_model_paths.yaml), and API-format workflows
+(loader -> DFAApply -> KSampler -> SaveLatent) run, with two models and different plans in one prompt."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+import dfa_hostenv as H
+
+if H.COMFY_PATH is None:
+    pytest.skip(H.SKIP_REASON, allow_module_level=True)
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("host")]
+
+import torch  # noqa: E402
+
+from dfav2.calibration.plan import save_plan  # noqa: E402
+from dfav2.nodes import adapter as A  # noqa: E402
+
+PACK_DIR_NAME = "ComfyUI-DFAv2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: Path, port: int):
+        self.base, self.url = base, f"http://127.0.0.1:{port}"
+        self.log_path = base / "server.log"
+        args = [sys.executable, str(H.HERE / "launch_host.py"), str(H.COMFY_PATH), "--cpu", "--listen", "127.0.0.1",
+                "--port", str(port), "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
+                "--database-url", "sqlite:///:memory:", "--extra-model-paths-config", str(base / "extra_model_paths.yaml")]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self.get("/system_stats")
+                break
+            except Exception:  # noqa: BLE001
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited rc={self.proc.returncode}:\n{self.log_text()[-3000:]}")
+                if time.perf_counter() - t0 > 90:
+                    raise RuntimeError(f"server did not come up in 90 s:\n{self.log_text()[-3000:]}")
+                time.sleep(0.2)
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=20) as r:
+            return json.loads(r.read())
+
+    def run(self, prompt: dict, timeout: float = 120) -> dict:
+        body = json.dumps({"prompt": prompt, "client_id": str(uuid.uuid4())}).encode()
+        req = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=20) as r:
+                pid = json.loads(r.read())["prompt_id"]
+        except urllib.error.HTTPError as e:  # validation errors come back as 400 with a JSON body
+            return {"status_str": "invalid", "messages": json.loads(e.read())}
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout:
+            h = self.get(f"/history/{pid}")
+            if pid in h and h[pid].get("status", {}).get("completed") is not None:
+                st = h[pid]["status"]
+                if st.get("completed") or st.get("status_str") == "error":
+                    return st
+            time.sleep(0.05)
+        raise TimeoutError(f"prompt {pid} did not finish in {timeout} s")
+
+    def stop(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_paths, models):
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    for fam in ("flux", "sd35m"):
+        shutil.copy(tiny_paths[fam], base / "models" / "diffusion_models" / tiny_paths[fam].name)
+    plans_dir = base / "models" / "dfa_plans"
+    extra_dir = base / "elsewhere" / "plans"
+    plans_dir.mkdir(parents=True)
+    extra_dir.mkdir(parents=True)
+    plans = {}
+    for fam in ("flux", "sd35m"):
+        sig, sigmas = A.model_signature(models[fam]), H.schedule_sigmas(models[fam])
+        plans[f"{fam}_full.json"] = H.all_full_plan(sig, sigmas)
+        plans[f"{fam}_ac.json"] = H.arrow_cache_plan(sig, sigmas)
+    for name, plan in plans.items():
+        save_plan(plan, (extra_dir if name == "sd35m_ac.json" else plans_dir) / name)
+    (plans_dir / "readme.txt").write_text("not a plan")
+    (base / "extra_model_paths.yaml").write_text(f"dfa_test:\n  base_path: {base / 'elsewhere'}\n  dfa_plans: plans\n")
+    (base / "custom_nodes").mkdir()
+    os.symlink(H.PACK_ROOT, base / "custom_nodes" / PACK_DIR_NAME)
+    shutil.copytree(H.HERE / "host_test_nodes", base / "custom_nodes" / "dfa_host_test_nodes")
+    srv = Server(base, _free_port())
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _latent(server: Server, prefix: str) -> torch.Tensor:
+    import safetensors.torch
+
+    files = sorted((server.base / "output" / "latents").glob(f"{prefix}_*.latent"))
+    assert files, f"no latent saved for {prefix}"
+    return safetensors.torch.load_file(str(files[-1]))["latent_tensor"]
+
+
+def _chain(wf: dict, nid: int, *, loader: str, unet: str, pooled: int, plan: str, enabled: bool, seed: int, prefix: str,
+           cfg: float = 3.5) -> None:
+    s = str
+    wf[s(nid)] = {"class_type": loader, "inputs": {"unet_name": unet, **({"weight_dtype": "default"} if loader == "UNETLoader" else {})}}
+    wf[s(nid + 1)] = {"class_type": "DFATestConditioning", "inputs": {"tokens": 32, "context_dim": 64, "pooled_dim": pooled, "seed": 1}}
+    wf[s(nid + 2)] = {"class_type": "DFATestConditioning", "inputs": {"tokens": 32, "context_dim": 64, "pooled_dim": pooled, "seed": 2}}
+    wf[s(nid + 3)] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}}
+    wf[s(nid + 4)] = {"class_type": "DFAApply", "inputs": {"model": [s(nid), 0], "plan": plan, "enabled": enabled,
+                                                           "start_percent": 0.0, "end_percent": 1.0}}
+    wf[s(nid + 5)] = {"class_type": "KSampler", "inputs": {
+        "model": [s(nid + 4), 0], "seed": seed, "steps": 4, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple",
+        "positive": [s(nid + 1), 0], "negative": [s(nid + 2), 0], "latent_image": [s(nid + 3), 0], "denoise": 1.0}}
+    wf[s(nid + 6)] = {"class_type": "SaveLatent", "inputs": {"samples": [s(nid + 5), 0], "filename_prefix": f"latents/{prefix}"}}
+
+
+def _flux_loader() -> str:
+    return "UNETLoader" if A.host_support().flux_block_identity else "DFATestTinyFluxLoader"
+
+
+def test_object_info_lists_the_nodes_and_plans(server):
+    info = server.get("/object_info/DFAApply")["DFAApply"]
+    assert info["display_name"] == "DiTFastAttnV2 Apply" and info["category"] == "model_patches/DiTFastAttnV2"
+    assert info["output"] == ["MODEL"]
+    req, opt = info["input"]["required"], info["input"].get("optional", {})
+    assert list(req) == ["model", "plan", "enabled", "start_percent", "end_percent"] and "dfa_plan" in opt
+    assert opt["dfa_plan"][0] == "DFA_PLAN"
+    plan_spec = req["plan"]
+    options = plan_spec[0] if isinstance(plan_spec[0], list) else plan_spec[1]["options"]
+    # models/dfa_plans and the extra_model_paths.yaml folder, .json only, plus "none"
+    assert sorted(options) == sorted(["flux_full.json", "flux_ac.json", "sd35m_full.json", "sd35m_ac.json", "none"])
+    assert "DFALoadPlan" in server.get("/object_info")
+    templates = server.get("/api/workflow_templates")
+    assert sorted(templates.get(PACK_DIR_NAME, [])) == ["dfa_apply_flux", "dfa_apply_sd35_medium"]
+    assert f"{PACK_DIR_NAME}" not in "".join(l for l in server.log_text().splitlines() if "IMPORT FAILED" in l)
+
+
+def test_two_models_with_different_plans_in_one_prompt(server):
+    """One prompt: tiny Flux with an all-full plan and patched/unpatched twins, tiny SD3.5-M with an arrow+cache plan;
+    then the same graph with new seeds (the executed DFAApply outputs are reused from the execution cache)."""
+    flux_ok = A.host_support().flux_block_identity
+    for seed in (0, 1):
+        wf: dict = {}
+        tag = f"s{seed}"
+        _chain(wf, 100, loader="UNETLoader", unet="tiny_sd35m.safetensors", pooled=64, plan="sd35m_ac.json",
+               enabled=True, seed=seed, prefix=f"sd_ac_{tag}")
+        _chain(wf, 200, loader="UNETLoader", unet="tiny_sd35m.safetensors", pooled=64, plan="sd35m_ac.json",
+               enabled=False, seed=seed, prefix=f"sd_off_{tag}")
+        if flux_ok:
+            _chain(wf, 300, loader="UNETLoader", unet="tiny_flux.safetensors", pooled=32, plan="flux_full.json",
+                   enabled=True, seed=seed, prefix=f"flux_full_{tag}")
+            _chain(wf, 400, loader="UNETLoader", unet="tiny_flux.safetensors", pooled=32, plan="flux_ac.json",
+                   enabled=False, seed=seed, prefix=f"flux_off_{tag}")
+        st = server.run(wf)
+        assert st.get("status_str") == "success", json.dumps(st)[:2000]
+        sd_ac, sd_off = _latent(server, f"sd_ac_{tag}"), _latent(server, f"sd_off_{tag}")
+        assert torch.isfinite(sd_ac).all() and not torch.equal(sd_ac, sd_off)
+        if flux_ok:
+            assert torch.equal(_latent(server, f"flux_full_{tag}"), _latent(server, f"flux_off_{tag}"))
+    log = server.log_text()
+    assert "DiTFastAttnV2: 4 forwards" in log and "dense fallbacks 0" in log
+    assert "DiTFastAttnV2: dense" not in log and "using the host's dense attention" not in log
+
+
+def test_flux_on_an_old_host_names_the_version(server):
+    if A.host_support().flux_block_identity:
+        pytest.skip(f"ComfyUI {H.host_version()} supports Flux; the version message is for hosts < {A.MIN_HOST_FLUX}")
+    wf: dict = {}
+    _chain(wf, 100, loader=_flux_loader(), unet="tiny_flux.safetensors", pooled=32, plan="flux_full.json",
+           enabled=True, seed=0, prefix="flux_old")
+    st = server.run(wf)
+    assert st.get("status_str") == "error"
+    assert "0.3.75" in json.dumps(st)

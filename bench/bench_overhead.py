@@ -6,7 +6,9 @@ per timed call, side by side in one process:
   unpatched          the model as loaded (host attention, no override)
   hook_passthrough   a bare override that calls the host backend (cost of the host hook itself)
   dfa_all_full       the adapter with an all-full plan (routing + per-forward set-up; must be <= 1 % over unpatched)
-  dfa_arrow8_<be>    the adapter with a uniform arrow/8 plan through the reference engine (backend "flex")
+  unpatched_cudnn    host attention forced to cuDNN SDPA (the faster dense baseline; baselines.md item 3)
+  dfa_arrow8_<be>    the adapter with a uniform arrow/8 plan (engine backend "flex" or "triton")
+  dfa_mixed_<be>     a third of the heads full, a third arrow/16, a third cached (repeated forwards hit the cache)
 
 GPU: `triton.testing.do_bench` median. `--tiny`: a tiny Flux on CPU (wall-clock median), to check the script runs.
 ComfyUI comes from COMFYUI_PATH or the lean tree `.comfy/` in the repository root.
@@ -92,8 +94,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny Flux on CPU (smoke run)")
     ap.add_argument("--res", type=int, default=2048, help="image side in pixels (default 2048)")
     ap.add_argument("--txt", type=int, default=512, help="text tokens (default 512)")
-    ap.add_argument("--backend", default="flex", help="arrow backend of the engine (default flex)")
-    ap.add_argument("--rep-ms", type=float, default=8000.0, help="do_bench rep time per variant in ms")
+    ap.add_argument("--backends", default="flex,triton", help="arrow backends of the engine, comma separated")
+    ap.add_argument("--rep-ms", type=float, default=5000.0, help="do_bench rep time per variant in ms")
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_overhead.json or bench/results/)")
     a = ap.parse_args()
 
@@ -106,8 +108,8 @@ def main() -> int:
     import comfy.ops
     from comfy.ldm.flux.model import Flux
 
-    from dfav2.calibration.plan import Plan
-    from dfav2.kernels.methods import FULL, arrow
+    from dfav2.calibration.plan import Plan, PlanPosition
+    from dfav2.kernels.methods import CACHE, FULL, LayerDecision, arrow
     from dfav2.nodes.adapter import finish_run, forward_options, model_signature, standalone_run
 
     dev = torch.device("cuda" if cuda else "cpu")
@@ -124,6 +126,14 @@ def main() -> int:
     sigmas = [1.0, 0.75, 0.5, 0.25]
     full_plan = Plan.uniform(sig, sigmas, FULL, first_full=False, description="all full")
     arrow_plan = Plan.uniform(sig, sigmas, arrow(8), first_full=False, description="uniform arrow/8")
+    third = sig.layers[0].heads // 3
+    mixed = LayerDecision((FULL,) * third + (arrow(16),) * third + (CACHE,) * (sig.layers[0].heads - 2 * third))
+    mixed_plan = Plan(sig, tuple(
+        PlanPosition(s_, tuple(LayerDecision.uniform(FULL, l.heads) if i == 0 else mixed for l in sig.layers))
+        for i, s_ in enumerate(sigmas)), None, "mixed: 1/3 full, 1/3 arrow/16, 1/3 cache")
+    backends = [b for b in a.backends.split(",") if b]
+    if not cuda:
+        backends = [b for b in backends if b != "triton"] or ["sdpa"]
 
     x = torch.randn(1, 16, res // 8, res // 8, device=dev, dtype=dt)
     ctx = torch.randn(1, txt, cfg["context_in_dim"], device=dev, dtype=dt)
@@ -135,8 +145,16 @@ def main() -> int:
     def passthrough(func, *args, **kwargs):
         return func(*args, **kwargs)
 
-    runs = {"dfa_all_full": standalone_run(m, full_plan, backend=a.backend),
-            f"dfa_arrow8_{a.backend}": standalone_run(m, arrow_plan, backend=a.backend)}
+    runs = {"dfa_all_full": standalone_run(m, full_plan, backend=backends[0])}
+    for be in backends:
+        runs[f"dfa_arrow8_{be}"] = standalone_run(m, arrow_plan, backend=be)
+        runs[f"dfa_mixed_{be}"] = standalone_run(m, mixed_plan, backend=be)
+
+    def cudnn(func, *args, **kwargs):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return func(*args, **kwargs)
 
     def forward(to):
         with torch.no_grad():
@@ -148,6 +166,7 @@ def main() -> int:
     variants = {
         "unpatched": lambda: forward({}),
         "hook_passthrough": lambda: forward({"optimized_attention_override": passthrough}),
+        **({"unpatched_cudnn": lambda: forward({"optimized_attention_override": cudnn})} if cuda else {}),
         **{name: with_run(base) for name, base in runs.items()},
     }
     bench = _timer(dev.type, warmup_ms=1000.0, rep_ms=a.rep_ms)
@@ -160,13 +179,17 @@ def main() -> int:
     second = {name: bench(fn) for name, fn in variants.items()} if cuda else {}
     summaries = {name: finish_run(base) for name, base in runs.items()}
 
-    base_ms = times["unpatched"]
+    best = {name: (times[name] if not second else min(times[name], second[name])) for name in variants}
+    base_ms = best["unpatched"]
+    cudnn_ms = best.get("unpatched_cudnn")
     rows = []
     for name in variants:
-        ms = times[name] if not second else min(times[name], second[name])
+        ms = best[name]
         rows.append({
             "variant": name, "ms": ms, "ms_pass1": times[name], "ms_pass2": second.get(name),
-            "vs_unpatched_pct": 100.0 * (ms / min(base_ms, second.get("unpatched", base_ms)) - 1.0),
+            "vs_unpatched_pct": 100.0 * (ms / base_ms - 1.0),
+            "speedup_vs_unpatched": base_ms / ms,
+            "speedup_vs_cudnn": None if cudnn_ms is None else cudnn_ms / ms,
             "max_abs_diff_vs_unpatched": checks[name],
         })
     info = {
@@ -184,10 +207,12 @@ def main() -> int:
     }
     print(f"# DFAApply overhead, ComfyUI {host_version} Flux class, {info['device']}, {res}², text {txt}, "
           f"{info['geometry']['dtype']}, host attention {info['host_attention']}, {info['timer']}")
-    print(f"| variant | ms / forward | vs unpatched | max |Δ| vs unpatched |")
-    print("|---|---:|---:|---:|")
+    print("| variant | ms / forward | vs unpatched | speed-up vs unpatched | vs cuDNN-unpatched | max abs diff vs unpatched |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['ms']:.2f} | {r['vs_unpatched_pct']:+.2f}% | {r['max_abs_diff_vs_unpatched']:.3g} |")
+        vc = "—" if r["speedup_vs_cudnn"] is None else f"{r['speedup_vs_cudnn']:.2f}x"
+        print(f"| {r['variant']} | {r['ms']:.2f} | {r['vs_unpatched_pct']:+.2f}% | {r['speedup_vs_unpatched']:.2f}x | {vc} | "
+              f"{r['max_abs_diff_vs_unpatched']:.3g} |")
     for name, s in summaries.items():
         print(f"{name}: {s.line()}")
     out = Path(a.out) if a.out else Path(os.environ.get("OUT") or ROOT / "bench" / "results") / "bench_overhead.json"

@@ -2,8 +2,14 @@
 
 Each head takes at most one compressing candidate (or stays full). Maximise the attention cost saved
 subject to the sum of the chosen candidates' relative squared errors staying within the budget δ;
-pairs whose error reaches the per-head cap c·δ/H are dropped first. Solved exactly with HiGHS
-(`scipy.optimize.milp`) after a greedy shortcut that is optimal whenever it fits the budget.
+pairs whose error reaches the per-head cap c·δ/H are dropped first.
+
+Solved by a greedy shortcut (each head's largest saving: optimal whenever it fits the budget) and
+otherwise an exact dynamic programme over integer savings (least total error for every reachable
+saving). Savings are counted in units of 1/`resolution` of the largest candidate saving, so the DP is
+exact for savings up to `resolution` units and exact on savings rounded to 0.8 % of one head's cost
+beyond (method.md §4.4). HiGHS (`scipy.optimize.milp`) was tried first: 50-400 ms per binding
+instance at 24 heads, against about 1 ms here, and it prints to stdout.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ def solve_layer(
     delta: float,
     *,
     head_cap_factor: float = HEAD_CAP_FACTOR,
+    resolution: int = 128,
 ) -> NDArray[np.int64]:
     """Choose at most one candidate per head.
 
@@ -32,6 +39,7 @@ def solve_layer(
     saving : [H, M] or [M] non-negative integers, cost saved by candidate m (e.g. score tiles).
     delta : error budget of this layer at this step (sum of the chosen RSEs must be <= delta).
     head_cap_factor : a pair is a candidate only if rse < head_cap_factor * delta / H.
+    resolution : saving units per largest candidate saving in the DP (see module docstring).
 
     Returns
     -------
@@ -67,30 +75,38 @@ def solve_layer(
     picked = best >= 0
     if r[picked, best[picked]].sum() <= delta:
         return best
+    return _dp(r, s, allowed, delta, resolution)
 
-    from scipy.optimize import Bounds, LinearConstraint, milp
 
-    hs, ms = np.nonzero(allowed)
-    n = len(hs)
-    sv, rv = s[hs, ms].astype(np.float64), r[hs, ms]
-    # Lexicographic objective: savings are integers, and eps * (total error <= delta) < 1/2, so the
-    # error term only breaks ties between equal savings.
-    eps = 0.5 / (delta * 2 + 1e-300)
-    c = -sv + eps * rv
-    one_per_head = np.zeros((heads, n))
-    one_per_head[hs, np.arange(n)] = 1.0
-    constraints = [
-        LinearConstraint(one_per_head, -np.inf, 1.0),
-        LinearConstraint(rv[None, :], -np.inf, delta),
-    ]
-    res = milp(c, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
-    if res.x is None:  # pragma: no cover - the all-full point is always feasible
-        raise RuntimeError(f"knapsack solver failed: {res.message}")
-    x = res.x > 0.5
-    choice[hs[x]] = ms[x]
-    # HiGHS works to a feasibility tolerance; never exceed the budget because of it.
-    while r[choice >= 0, choice[choice >= 0]].sum() > delta:
-        worst = np.flatnonzero(choice >= 0)
-        drop = worst[np.argmax(r[worst, choice[worst]])]
-        choice[drop] = -1
+def _dp(r: NDArray[np.float64], s: NDArray[np.int64], allowed: NDArray[np.bool_], delta: float, resolution: int) -> NDArray[np.int64]:
+    """Exact DP over integer savings: for every reachable total saving, the least total error."""
+    heads, cands = r.shape
+    unit = max(1, -(-int(s[allowed].max()) // resolution))
+    units = np.where(allowed, np.rint(s / unit).astype(np.int64), 0)
+    allowed = allowed & (units > 0)
+    live = [h for h in range(heads) if allowed[h].any()]
+    top = int(sum(units[h].max() for h in live))
+    best = np.full(top + 1, np.inf)
+    best[0] = 0.0
+    picks = np.full((heads, top + 1), -1, dtype=np.int8)
+    reach = 0
+    for h in live:
+        new = best.copy()
+        for m in np.flatnonzero(allowed[h]):
+            u = int(units[h, m])
+            cand = best[: reach + 1] + r[h, m]
+            cur = new[u : u + reach + 1]
+            better = cand < cur  # strict: on equal error the earlier option (full, lower index) stays
+            cur[better] = cand[better]
+            picks[h, u : u + reach + 1][better] = m
+        reach += int(units[h].max())
+        best = new
+    feasible = np.flatnonzero(best <= delta)
+    total = int(feasible.max())  # 0 (all full) is always feasible
+    choice = np.full(heads, -1, dtype=np.int64)
+    for h in reversed(live):
+        m = int(picks[h, total])
+        choice[h] = m
+        if m >= 0:
+            total -= int(units[h, m])
     return choice

@@ -175,3 +175,42 @@ def test_search_config_validation():
         SearchConfig(delta=-1)
     with pytest.raises(ValueError, match="implicit"):
         SearchConfig(delta=0.1, candidates=(FULL,))
+
+
+def milp_optimum(rse, saving, delta, cap_factor=1.5):
+    """Independent exact oracle at realistic size: HiGHS on the same 0/1 programme."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    heads, cands = rse.shape
+    allowed = (rse < cap_factor * delta / heads) & (saving > 0)
+    hs, ms = np.nonzero(allowed)
+    if len(hs) == 0:
+        return 0
+    one = np.zeros((heads, len(hs)))
+    one[hs, np.arange(len(hs))] = 1
+    res = milp(-saving[hs, ms].astype(float), integrality=np.ones(len(hs)), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(one, -np.inf, 1), LinearConstraint(rse[hs, ms][None], -np.inf, delta)],
+               options={"mip_rel_gap": 0.0})
+    return round(-res.fun)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_knapsack_matches_milp_at_24_heads(seed):
+    rng = np.random.default_rng(100 + seed)
+    rse = rng.uniform(0.005, 0.03, size=(24, 4))
+    saving = np.broadcast_to(rng.integers(60, 128, size=4), (24, 4))  # <= resolution: the DP is exact
+    choice = solve_layer(rse, saving, 0.4)
+    got = sum(saving[h, c] for h, c in enumerate(choice) if c >= 0)
+    assert sum(rse[h, c] for h, c in enumerate(choice) if c >= 0) <= 0.4
+    assert got == milp_optimum(rse, saving, 0.4)
+
+
+def test_knapsack_rounded_savings_lose_at_most_half_a_unit_per_head():
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        rse = rng.uniform(0.005, 0.03, size=(24, 4))
+        saving = np.broadcast_to(np.array([16900, 14283, 15244, 15750]), (24, 4))
+        choice = solve_layer(rse, saving, 0.4)
+        got = sum(saving[h, c] for h, c in enumerate(choice) if c >= 0)
+        unit = -(-16900 // 128)
+        assert got >= milp_optimum(rse, saving, 0.4) - 24 * unit / 2

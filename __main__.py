@@ -1,22 +1,48 @@
-"""Command-line entry: ``python <pack folder> validate PLAN`` / ``inspect PLAN`` (see README)."""
+"""Command-line entry: ``python <pack folder> validate PLAN`` / ``inspect PLAN`` / ``demo [options]`` (see README)."""
 
 import importlib.util
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent
+
 
 def _load_pack(name: str = "dfav2"):
     # The folder may have any name (e.g. ComfyUI-DFAv2); import it as a package so relative imports work.
     if name not in sys.modules:
-        root = Path(__file__).resolve().parent
-        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
 
 
+def _demo(argv: list) -> int:
+    # ComfyUI must be importable (and --cpu set) before the pack's `nodes` package is imported: prepare it with the
+    # standalone nodes/_host_compat.py, loaded by file path.
+    spec = importlib.util.spec_from_file_location("dfav2_host_compat", ROOT / "nodes" / "_host_compat.py")
+    compat = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = compat
+    spec.loader.exec_module(compat)
+    if not {"-h", "--help"} & set(argv):
+        comfy_path, why = compat.find_comfyui(ROOT)
+        if comfy_path is None:
+            print(f"demo: {why}", file=sys.stderr)
+            return 2
+        try:
+            compat.import_comfyui(comfy_path, cpu=True if "--cpu" in argv else None)
+        except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+            print(f"demo: ComfyUI at {comfy_path} could not be imported: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+    _load_pack()
+    from dfav2.nodes.demo import main
+
+    return main(argv)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["demo"]:
+        sys.exit(_demo(sys.argv[2:]))
     _load_pack()
     from dfav2.calibration.cli import main
 

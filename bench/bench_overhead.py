@@ -150,11 +150,16 @@ def main() -> int:
         runs[f"dfa_arrow8_{be}"] = standalone_run(m, arrow_plan, backend=be)
         runs[f"dfa_mixed_{be}"] = standalone_run(m, mixed_plan, backend=be)
 
-    def cudnn(func, *args, **kwargs):
+    def cudnn(func, q, k, v, heads, *args, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
+        # The host pins SDPA's priority FLASH > CUDNN inside `func`, so call SDPA here with cuDNN only.
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        if not skip_reshape or mask is not None:
+            return func(q, k, v, heads, *args, mask=mask, skip_reshape=skip_reshape,
+                        skip_output_reshape=skip_output_reshape, **kwargs)
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return func(*args, **kwargs)
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return o if skip_output_reshape else o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
 
     def forward(to):
         with torch.no_grad():
@@ -220,8 +225,10 @@ def main() -> int:
     out.write_text(json.dumps(info, indent=1) + "\n")
     print(f"wrote {out}")
     bad = [n for n, s in summaries.items() if s.fallbacks]
-    if checks["dfa_all_full"] != 0.0 or bad:
-        print(f"FAILED: all-full diff {checks['dfa_all_full']}, fallbacks in {bad}")
+    # On CUDA the unpatched model itself is not bitwise reproducible between calls (its own row shows the
+    # jitter), so the all-full plan must stay within that jitter; on CPU it must be exact.
+    if checks["dfa_all_full"] > checks["unpatched"] or bad:
+        print(f"FAILED: all-full diff {checks['dfa_all_full']} (unpatched vs itself {checks['unpatched']}), fallbacks in {bad}")
         return 1
     return 0
 

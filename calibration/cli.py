@@ -12,9 +12,25 @@ from collections.abc import Sequence
 from ..kernels.cost import Geometry, decision_flops, image_tokens
 from .plan import Plan, PlanError, load_plan
 
-__all__ = ["main", "summarize"]
+__all__ = ["main", "summarize", "flops_kept"]
 
 _DEFAULT_TXT = {"flux": 256, "sd3": 154}
+
+
+def flops_kept(plan: Plan, *, width: int, height: int, txt_len: int, tile: int = 128) -> tuple[float, float]:
+    """Share of the dense attention FLOPs a plan keeps over all positions and layers, at one image size and text
+    length: (token-exact, at `tile`-token tiles). 1.0 = all full; the tiled share bounds the attention-time gain."""
+    n_img = image_tokens(width, height)
+    kept = {None: 0, tile: 0}
+    dense = {None: 0, tile: 0}
+    for pos in plan.positions:
+        for spec, dec in zip(plan.model.layers, pos.layers):
+            geo = Geometry(0 if spec.image_only else txt_len, n_img, spec.heads, spec.head_dim)
+            for t in kept:
+                k, d = decision_flops(geo, dec, t)
+                kept[t] += k
+                dense[t] += d
+    return kept[None] / dense[None], kept[tile] / dense[tile]
 
 
 def summarize(plan: Plan, *, width: int | None = None, height: int | None = None, txt_len: int | None = None, tile: int = 128) -> str:
@@ -41,17 +57,7 @@ def summarize(plan: Plan, *, width: int | None = None, height: int | None = None
     total = sum(counts.values())
     order = sorted(counts, key=lambda n: (n != "full", n != "cache", n))
     lines.append("methods: " + ", ".join(f"{n} {100 * counts[n] / total:.1f}%" for n in order))
-    n_img = image_tokens(width, height)
-    kept = {None: 0, tile: 0}
-    dense = {None: 0, tile: 0}
-    for pos in plan.positions:
-        for spec, dec in zip(plan.model.layers, pos.layers):
-            geo = Geometry(0 if spec.image_only else txt_len, n_img, spec.heads, spec.head_dim)
-            for t in kept:
-                k, d = decision_flops(geo, dec, t)
-                kept[t] += k
-                dense[t] += d
-    exact, tiled = kept[None] / dense[None], kept[tile] / dense[tile]
+    exact, tiled = flops_kept(plan, width=width, height=height, txt_len=txt_len, tile=tile)
     lines.append(
         f"attention FLOPs kept at {width}x{height} (text {txt_len} tokens): {100 * exact:.1f}% token-exact, "
         f"{100 * tiled:.1f}% at {tile}-token tiles (attention-time bound {1 / max(tiled, 1e-9):.2f}x)"

@@ -1,4 +1,5 @@
-"""ComfyUI side of the pack: V3 nodes (DFAApply, DFALoadPlan) and the host adapter (`adapter.apply_dfa`).
+"""ComfyUI side of the pack: V3 nodes (DFAApply, DFALoadPlan, DFACalibrate), the host adapter (`adapter.apply_dfa`)
+and the `demo` command.
 
 The only package that imports ComfyUI. Importing it without ComfyUI (or with a host older than the V3 node
 API) never fails: `DFAExtension` is then a stand-in that raises ImportError with the reason (`IMPORT_ERROR`).

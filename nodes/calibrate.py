@@ -13,16 +13,24 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..calibration.plan import CalibrationRecord, Plan
-from ..calibration.search import ProgressiveCalibrator, SearchConfig
+from ..calibration.cli import flops_kept, summarize
+from ..calibration.plan import CalibrationRecord, Plan, save_plan
+from ..calibration.prompts import parse_prompts
+from ..calibration.search import DEFAULT_CANDIDATES, ProgressiveCalibrator, SearchConfig
 from ..kernels.engine import ArrowBackend
+from ..kernels.methods import CACHE, HeadMethod, arrow
 from .adapter import CalibrationPatch, _model_info, host_support, install_patch
+from .plans import plan_write_path
 
-__all__ = ["CalibrationResult", "calibrate_dfa", "encode_prompts", "host_version"]
+__all__ = [
+    "CalibrationResult", "calibrate_dfa", "encode_prompts", "host_version", "CANDIDATE_SETS", "DEFAULT_CANDIDATE_SET",
+    "NodeResult", "calibrate_plan_node",
+]
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +125,29 @@ def calibrate_dfa(
     noise = comfy.sample.prepare_noise(latent, seed, None)
 
     def on_step(step: int, x0: Any, x: Any, total: int) -> None:
+        if patch.error is not None:  # the calibrator failed (those calls ran dense): stop instead of finishing
+            raise _CalibratorFailed()
         if callback is not None:
             callback(step + 1, total)
 
     start = time.perf_counter()
-    samples = comfy.sample.sample(
-        m, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-        denoise=1.0, callback=on_step, disable_pbar=True, seed=seed,
-    )
+    try:
+        samples = comfy.sample.sample(
+            m, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+            denoise=1.0, callback=on_step, disable_pbar=True, seed=seed,
+        )
+    except _CalibratorFailed:
+        samples = None
+    except BaseException:
+        calibrator.reset()  # free the previous outputs now, not when the traceback is dropped
+        raise
+    finally:
+        del m  # the patched clone; the input model never carried the patch
     wall = time.perf_counter() - start
     if patch.error is not None:
+        calibrator.reset()
         raise RuntimeError(f"calibration failed inside the model: {patch.error}") from patch.error
+    assert samples is not None
     if patch.fallbacks:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(patch.fallbacks.items()))
         raise ValueError(f"calibration could not see the attention layers of this model ({reasons}); no plan was made")
@@ -151,4 +171,188 @@ def calibrate_dfa(
         wall_time_s=round(wall, 3),
     )
     log.info("DiTFastAttnV2 calibration: %d positions, %d image tokens, %.1f s", len(calibrator.sigmas), n_img, wall)
-    return CalibrationResult(calibrator.plan(record, description), samples, wall)
+    plan = calibrator.plan(record, description)
+    calibrator.reset()
+    return CalibrationResult(plan, samples, wall)
+
+
+class _CalibratorFailed(Exception):
+    """Raised from the step callback to end the sampling pass early after a calibrator error."""
+
+
+# ------------------------------------------------------------------------------------------ the node's function
+
+#: Candidate sets offered by DFACalibrate (full attention is always implicit). The first is the paper's default.
+CANDIDATE_SETS: dict[str, tuple[HeadMethod, ...]] = {
+    "cache + arrow 8/16/32 (default)": DEFAULT_CANDIDATES,
+    "arrow 8/16/32 only": (arrow(8), arrow(16), arrow(32)),
+    "cache only": (CACHE,),
+    "cache + arrow 8": (CACHE, arrow(8)),
+    "arrow 8 only": (arrow(8),),
+}
+DEFAULT_CANDIDATE_SET = next(iter(CANDIDATE_SETS))
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    plan: Plan
+    summary: str
+    path: Path
+    samples: Any  # the calibration pass's latents [B, C, H, W]
+    wall_time_s: float
+
+
+def _oom_in(exc: BaseException | None) -> BaseException | None:
+    """The out-of-memory error in `exc` or its causes (CUDA OOM type, or a CPU allocator failure), else None."""
+    import torch
+
+    oom_types = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, oom_types):
+            return exc
+        text = str(exc).lower()
+        if isinstance(exc, (RuntimeError, MemoryError)) and (
+            isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+        ):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _with_guidance(conditioning: list, guidance: float | None) -> list:
+    """Conditioning with `guidance` set where an entry has none (Flux's guidance embedding); others unchanged."""
+    if guidance is None:
+        return conditioning
+    return [[c[0], {**c[1], "guidance": c[1].get("guidance", guidance)}] + list(c[2:]) for c in conditioning]
+
+
+def _zero_like(conditioning: list) -> list:
+    """ConditioningZeroOut of `conditioning` (the negative when neither a negative nor a CLIP is connected)."""
+    import torch
+
+    out = []
+    for c in conditioning:
+        extra = dict(c[1])
+        if extra.get("pooled_output") is not None:
+            extra["pooled_output"] = torch.zeros_like(extra["pooled_output"])
+        out.append([torch.zeros_like(c[0]), extra] + list(c[2:]))
+    return out
+
+
+def calibrate_plan_node(
+    *,
+    model: Any,
+    clip: Any = None,
+    prompts: str = "",
+    positive: list | None = None,
+    negative_prompt: str = "",
+    negative: list | None = None,
+    width: int = 1024,
+    height: int = 1024,
+    steps: int = 28,
+    cfg: float = 1.0,
+    guidance: float = 3.5,
+    sampler_name: str = "euler",
+    scheduler: str = "simple",
+    seed: int = 0,
+    delta: float = 0.4,
+    candidates: str = DEFAULT_CANDIDATE_SET,
+    plan_name: str = "my_plan",
+    overwrite: bool = False,
+    backend: ArrowBackend = "auto",
+    on_step: Callable[[int, int], None] | None = None,
+) -> NodeResult:
+    """DFACalibrate: calibrate a plan on `model` and write it to ``models/dfa_plans/<plan_name>.json``.
+
+    Prompts: `positive` (a CONDITIONING whose batch holds the prompts) wins; else `clip` encodes `prompts` (one per
+    line) into one batch. Negative: `negative`, else `negative_prompt` through `clip`, else the zeroed positive.
+    `guidance` (Flux only) fills in conditioning entries that carry none. `delta` is the per-layer, per-step error
+    budget (0: every head full). `candidates` is a key of CANDIDATE_SETS. `on_step(step, total)` is called after
+    each sampler step, after the host's progress bar.
+
+    Raises ValueError for user mistakes (existing file without `overwrite`, no prompts, bad names, unsupported
+    model), before anything is sampled where possible. The host's interrupt propagates unchanged; running out of
+    memory raises torch.OutOfMemoryError saying that no plan was written. In every failure no file is written and
+    `model` is unchanged (calibration runs on a clone).
+    """
+    import comfy.model_management
+    import comfy.utils
+    import torch
+
+    from .. import __version__ as pack_version
+
+    if candidates not in CANDIDATE_SETS:
+        raise ValueError(f"unknown candidate set {candidates!r}; choose one of {', '.join(CANDIDATE_SETS)}")
+    config = SearchConfig(delta=float(delta), candidates=CANDIDATE_SETS[candidates])
+    path = plan_write_path(plan_name, overwrite=overwrite)  # fail before calibrating
+    info = _model_info(model)  # ValueError for models other than Flux / SD3
+    flux_guidance = float(guidance) if info.signature.family == "flux" else None
+
+    if positive is not None:
+        pos = _with_guidance(positive, flux_guidance)
+        n_prompts = _batch_of(pos)
+    elif clip is not None:
+        texts = parse_prompts(prompts)
+        pos = encode_prompts(clip, texts, guidance=flux_guidance)
+        n_prompts = len(texts)
+    else:
+        raise ValueError(
+            "DFACalibrate needs prompts: connect a CLIP (the prompt list is encoded with it) or a positive CONDITIONING"
+        )
+    if negative is not None:
+        neg = _with_guidance(negative, flux_guidance)
+    elif clip is not None:
+        neg = encode_prompts(clip, [negative_prompt], guidance=flux_guidance)
+    else:
+        neg = _zero_like(pos)
+    recorded_guidance = flux_guidance
+    if flux_guidance is not None:
+        recorded_guidance = float(pos[0][1].get("guidance", flux_guidance))
+
+    pbar = comfy.utils.ProgressBar(int(steps))
+
+    def progress(step: int, total: int) -> None:
+        pbar.update_absolute(step, total)
+        if on_step is not None:
+            on_step(step, total)
+
+    try:
+        result = calibrate_dfa(
+            model, positive=pos, negative=neg, width=int(width), height=int(height), steps=int(steps), cfg=float(cfg),
+            sampler_name=sampler_name, scheduler=scheduler, seed=int(seed), config=config,
+            guidance=recorded_guidance, prompts=n_prompts, backend=backend, callback=progress,
+            pack_version=str(pack_version), description=f"DFACalibrate {path.stem}: delta {float(delta):g}, {candidates}",
+        )
+    except comfy.model_management.InterruptProcessingException:
+        log.warning("DiTFastAttnV2 calibration was interrupted: no plan was written (%s); the model is unchanged", path)
+        raise
+    except Exception as exc:
+        oom = _oom_in(exc)
+        if oom is None:
+            raise
+        raise torch.OutOfMemoryError(
+            f"DiTFastAttnV2 calibration ran out of memory ({type(oom).__name__}: {str(oom).strip()[:300]}). No plan "
+            f"was written ({path}) and the model is unchanged. Calibrate with fewer prompts, a smaller width/height "
+            "or fewer candidates, or free memory (unload other models)."
+        ) from exc
+
+    try:
+        saved = save_plan(result.plan, path, overwrite=overwrite)
+    except FileExistsError:
+        raise ValueError(
+            f"plan file {path} appeared while calibrating and overwrite is off; it was not replaced. Choose another "
+            "plan_name or turn overwrite on."
+        ) from None
+    cal = result.plan.calibration
+    assert cal is not None
+    _, tiled = flops_kept(result.plan, width=cal.width, height=cal.height, txt_len=cal.txt_len)
+    summary = "\n".join([
+        f"plan: {saved}",
+        summarize(result.plan),
+        f"calibration: {result.wall_time_s:.1f} s for {steps} steps x {n_prompts} prompt(s); estimated attention "
+        f"speed-up {1 / max(tiled, 1e-9):.2f}x (attention FLOPs kept at 128-token tiles {100 * tiled:.1f}%)",
+    ])
+    log.info("DiTFastAttnV2 calibration wrote %s", saved)
+    return NodeResult(result.plan, summary, saved, result.samples, result.wall_time_s)

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+from pathlib import Path
 
 from ..calibration.plan import Plan, PlanError, load_plan
 
-__all__ = ["FOLDER", "NO_PLAN", "register_plan_folder", "plan_options", "resolve_plan_path", "load_plan_file", "plan_fingerprint"]
+__all__ = [
+    "FOLDER", "NO_PLAN", "register_plan_folder", "plan_options", "resolve_plan_path", "load_plan_file",
+    "plan_fingerprint", "safe_plan_file_name", "plan_write_path",
+]
 
 FOLDER = "dfa_plans"
 #: Dropdown entry meaning "no file: use the connected DFA_PLAN input".
@@ -77,3 +82,42 @@ def plan_fingerprint(name: str) -> str:
             return hashlib.sha256(f.read()).hexdigest()
     except (OSError, ValueError):
         return f"missing:{name}"
+
+
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+
+
+def safe_plan_file_name(name: str) -> str:
+    """A plan name as a safe file name ``<name>.json``: letters, digits, ``_ - .`` only (anything else, path
+    separators included, becomes ``_``), no leading dot, at most 100 characters. Raises ValueError when nothing
+    usable is left."""
+    stem = str(name).strip()
+    if stem.lower().endswith(".json"):
+        stem = stem[: -len(".json")]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._ ")[:100].rstrip("._ ")
+    if not stem:
+        raise ValueError(f"plan_name {name!r} has no usable characters; use letters, digits, '_', '-' or '.'")
+    if stem.lower().split(".")[0] in _RESERVED:  # Windows device names
+        stem = "_" + stem
+    return stem + ".json"
+
+
+def plan_write_path(name: str, *, overwrite: bool) -> Path:
+    """Where DFACalibrate writes the plan `name` (see `safe_plan_file_name`): the existing file of that name in the
+    dfa_plans folders when `overwrite` is on (so the dropdown picks the new plan), else ``<first dfa_plans folder>/
+    <name>.json``. Raises ValueError when the file exists and `overwrite` is off."""
+    import folder_paths
+
+    file_name = safe_plan_file_name(name)
+    existing = folder_paths.get_full_path(FOLDER, file_name)
+    if existing is not None:
+        if not overwrite:
+            raise ValueError(
+                f"plan file {existing} already exists and overwrite is off; no calibration was run. Choose another "
+                "plan_name or turn overwrite on to replace it."
+            )
+        return Path(existing)
+    folders = folder_paths.get_folder_paths(FOLDER)
+    if not folders:
+        raise ValueError("no dfa_plans folder is registered (models/dfa_plans); reinstall the pack")
+    return Path(folders[0]) / file_name

@@ -1,4 +1,4 @@
-"""V3 node definitions (comfy_api.latest): DFAApply and DFALoadPlan. Imported only inside ComfyUI."""
+"""V3 node definitions (comfy_api.latest): DFAApply, DFALoadPlan and DFACalibrate. Imported only inside ComfyUI."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from typing import Any
 
 from comfy_api.latest import ComfyExtension, io
 
+from ..calibration.cli import summarize
 from ..calibration.plan import Plan
+from ..calibration.prompts import DEFAULT_PROMPTS
 from .adapter import apply_dfa
+from .calibrate import CANDIDATE_SETS, DEFAULT_CANDIDATE_SET, calibrate_plan_node
 from .plans import NO_PLAN, load_plan_file, plan_fingerprint, plan_options, register_plan_folder
 
-__all__ = ["DFAApply", "DFALoadPlan", "DFAExtension", "CATEGORY", "DFA_PLAN"]
+__all__ = ["DFAApply", "DFALoadPlan", "DFACalibrate", "DFAExtension", "CATEGORY", "DFA_PLAN"]
 
 CATEGORY = "model_patches/DiTFastAttnV2"
 DFA_PLAN = io.Custom("DFA_PLAN")
@@ -124,7 +127,10 @@ class DFALoadPlan(io.ComfyNode):
             inputs=[_plan_combo()],
             outputs=[
                 DFA_PLAN.Output(display_name="dfa_plan", tooltip="The validated plan, for DFAApply's dfa_plan input."),
-                io.String.Output(display_name="summary", tooltip="Model family, layers, heads and method shares."),
+                io.String.Output(
+                    display_name="summary",
+                    tooltip="Model, calibration settings, share of each method and attention FLOPs kept.",
+                ),
             ],
         )
 
@@ -135,13 +141,149 @@ class DFALoadPlan(io.ComfyNode):
     @classmethod
     def execute(cls, plan: str) -> io.NodeOutput:
         loaded = load_plan_file(plan)
-        counts = loaded.method_counts()
-        total = sum(counts.values()) or 1
-        shares = ", ".join(f"{name} {100.0 * n / total:.1f}%" for name, n in sorted(counts.items()))
-        summary = f"{plan}: {loaded.model.describe()}, {len(loaded.positions)} positions; {shares}"
-        return io.NodeOutput(loaded, summary)
+        return io.NodeOutput(loaded, f"plan: {plan}\n{summarize(loaded)}")
+
+
+def _sampler_names() -> list[str]:
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SAMPLERS)
+
+
+def _scheduler_names() -> list[str]:
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+class DFACalibrate(io.ComfyNode):
+    """Search a head-wise plan on sample prompts (one sampling pass) and write it to models/dfa_plans."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        adv = _advanced()
+        samplers, schedulers = _sampler_names(), _scheduler_names()
+        return io.Schema(
+            node_id="DFACalibrate",
+            display_name="DiTFastAttnV2 Calibrate",
+            category=CATEGORY,
+            description=(
+                "Finds a DiTFastAttnV2 plan for this model: one sampling pass over the sample prompts in which every "
+                "attention layer measures, per head, the error of arrow attention and of reusing the previous "
+                "step's output, and keeps the cheapest choice within the error budget delta. Writes "
+                "models/dfa_plans/<plan_name>.json and outputs the plan for DFAApply."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="Flux or SD3/SD3.5 model to calibrate. It is not changed."),
+                io.Clip.Input(
+                    "clip", optional=True,
+                    tooltip="Text encoder for the prompt list (and the negative prompt). Not needed when 'positive' is "
+                    "connected.",
+                ),
+                io.String.Input(
+                    "prompts", multiline=True, default="\n".join(DEFAULT_PROMPTS),
+                    tooltip="Calibration prompts, one per line (1-64), encoded with 'clip' and sampled as one batch. "
+                    "Varied prompts give a plan that generalises; ignored when 'positive' is connected.",
+                ),
+                io.String.Input(
+                    "negative_prompt", multiline=True, default="",
+                    tooltip="Negative prompt, encoded with 'clip'; only matters when cfg > 1. Ignored when 'negative' "
+                    "is connected.",
+                ),
+                io.Int.Input("width", default=1024, min=64, max=8192, step=16,
+                             tooltip="Image width in pixels (multiple of 16). Calibrate at the size you will render."),
+                io.Int.Input("height", default=1024, min=64, max=8192, step=16,
+                             tooltip="Image height in pixels (multiple of 16). Calibrate at the size you will render."),
+                io.Int.Input("steps", default=28, min=2, max=200,
+                             tooltip="Sampling steps (2-200). Use the step count, sampler and scheduler you will "
+                             "render with: the plan is indexed by the sigmas of this schedule."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale. 1.0 (Flux-dev): no negative pass; > 1 samples "
+                               "negative and positive (about twice the time)."),
+                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="Flux guidance (as in FluxGuidance), used where the conditioning carries none. "
+                               "Ignored for SD3/SD3.5."),
+                io.Combo.Input("sampler_name", options=samplers, default="euler" if "euler" in samplers else samplers[0],
+                               tooltip="Sampler of the calibration pass (the host's list)."),
+                io.Combo.Input("scheduler", options=schedulers,
+                               default="simple" if "simple" in schedulers else schedulers[0],
+                               tooltip="Scheduler of the calibration pass (the host's list)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Noise seed of the calibration pass; the same inputs and seed give the same plan."),
+                io.Float.Input(
+                    "delta", default=0.4, min=0.0, max=2.0, step=0.01,
+                    tooltip="Error budget per layer and step: the sum of the compressed heads' relative squared errors "
+                    "may not exceed delta. 0 = every head full (no speed-up); 0.2 conservative; 0.4 default; 1.0 "
+                    "aggressive (most heads compressed, visible drift likely).",
+                ),
+                io.Combo.Input(
+                    "candidates", options=list(CANDIDATE_SETS), default=DEFAULT_CANDIDATE_SET,
+                    tooltip="Methods a head may use instead of full attention: 'cache' reuses the head's output of the "
+                    "previous step; 'arrow f' keeps the text rows/columns plus an image band of 1/(2f) of the image "
+                    "tokens on each side (8 = widest).",
+                    **adv,
+                ),
+                io.String.Input(
+                    "plan_name", default="my_plan",
+                    tooltip="File name of the plan in models/dfa_plans (.json is added; characters other than letters, "
+                    "digits, '_', '-' and '.' become '_').",
+                ),
+                io.Boolean.Input(
+                    "overwrite", default=False,
+                    tooltip="Off: if the plan file exists the node fails before calibrating. On: the file is replaced "
+                    "(atomically, only after a successful calibration).",
+                ),
+                io.Conditioning.Input(
+                    "positive", optional=True,
+                    tooltip="Optional prompt conditioning (its batch = the calibration prompts). When connected it "
+                    "wins over clip + prompts.",
+                ),
+                io.Conditioning.Input(
+                    "negative", optional=True,
+                    tooltip="Optional negative conditioning; wins over negative_prompt. Without it and without clip "
+                    "the zeroed positive is used.",
+                ),
+            ],
+            outputs=[
+                DFA_PLAN.Output(display_name="dfa_plan", tooltip="The calibrated plan, for DFAApply's dfa_plan input."),
+                io.String.Output(
+                    display_name="summary",
+                    tooltip="Method shares, attention FLOPs kept, estimated attention speed-up, wall time, file.",
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model: Any,
+        prompts: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        steps: int,
+        cfg: float,
+        guidance: float,
+        sampler_name: str,
+        scheduler: str,
+        seed: int,
+        delta: float,
+        candidates: str,
+        plan_name: str,
+        overwrite: bool,
+        clip: Any = None,
+        positive: list | None = None,
+        negative: list | None = None,
+    ) -> io.NodeOutput:
+        result = calibrate_plan_node(
+            model=model, clip=clip, prompts=prompts, positive=positive, negative_prompt=negative_prompt,
+            negative=negative, width=width, height=height, steps=steps, cfg=cfg, guidance=guidance,
+            sampler_name=sampler_name, scheduler=scheduler, seed=seed, delta=delta, candidates=candidates,
+            plan_name=plan_name, overwrite=overwrite,
+        )
+        return io.NodeOutput(result.plan, result.summary)
 
 
 class DFAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DFAApply, DFALoadPlan]
+        return [DFAApply, DFALoadPlan, DFACalibrate]

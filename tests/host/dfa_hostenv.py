@@ -6,33 +6,30 @@ Without one, `SKIP_REASON` says why and every host test module skips itself at c
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
-
-from tv_shim_cpu import install_torchvision_shim
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
-def _find_host() -> tuple[Path | None, str | None]:
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        p = Path(env).expanduser().resolve()
-        if (p / "comfy" / "model_patcher.py").is_file():
-            return p, None
-        return None, f"COMFYUI_PATH={env} is not a ComfyUI tree (no comfy/model_patcher.py)"
-    parent = PACK_ROOT.parent
-    if parent.name == "custom_nodes" and (parent.parent / "comfy" / "model_patcher.py").is_file():
-        return parent.parent, None
-    return None, (
-        "no ComfyUI host: set COMFYUI_PATH=/path/to/ComfyUI (or put the pack in ComfyUI/custom_nodes) to run "
-        "the host tests"
-    )
+def _load_compat():
+    # nodes/_host_compat.py by file path: importing the `nodes` package would import ComfyUI before it is set up.
+    name = "dfav2_host_compat"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "nodes" / "_host_compat.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
 
 
-COMFY_PATH, SKIP_REASON = _find_host()
+compat = _load_compat()
+COMFY_PATH, SKIP_REASON = compat.find_comfyui(PACK_ROOT)
+if SKIP_REASON and not os.environ.get("COMFYUI_PATH"):
+    SKIP_REASON += " to run the host tests"
 _IMPORTED: dict = {}
 
 
@@ -47,21 +44,7 @@ def import_host() -> str | None:
     error = SKIP_REASON
     if COMFY_PATH is not None:
         try:
-            install_torchvision_shim()
-            if str(COMFY_PATH) not in sys.path:
-                sys.path.insert(0, str(COMFY_PATH))
-            import comfy.options
-
-            comfy.options.enable_args_parsing(False)
-            import comfy.cli_args
-            import torch
-
-            if not torch.cuda.is_available():
-                comfy.cli_args.args.cpu = True
-            import comfy.model_management  # noqa: F401
-            import comfy.sd  # noqa: F401
-            import comfy_api.latest  # noqa: F401
-            import nodes  # noqa: F401
+            compat.import_comfyui(COMFY_PATH)
         except Exception as exc:  # noqa: BLE001
             error = f"ComfyUI at {COMFY_PATH} could not be imported: {type(exc).__name__}: {exc}"
     _IMPORTED["error"] = error

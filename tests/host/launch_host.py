@@ -1,27 +1,27 @@
 """Start a real ComfyUI server for the host tests: `python launch_host.py <ComfyUI dir> <main.py args...>`.
 
-Installs the torchvision CPU shim right before the first `import torchvision` (see dfa_hostenv), then runs
+Installs the torchvision CPU shim (nodes/_host_compat.py) right before the first `import torchvision` (see dfa_hostenv), then runs
 ComfyUI's main.py with runpy. Test-only.
 """
 
 import importlib.abc
+import importlib.util
 import os
 import runpy
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PACK_COMPAT = os.path.join(HERE, "..", "..", "nodes", "_host_compat.py")  # the one copy of the torchvision shim
 
 
 class _ShimOnTorchvision(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "torchvision":
             sys.meta_path.remove(self)
-            sys.path.insert(0, HERE)
-            try:
-                from tv_shim_cpu import install_torchvision_shim
-            finally:
-                sys.path.remove(HERE)
-            install_torchvision_shim()
+            spec = importlib.util.spec_from_file_location("dfav2_host_compat", PACK_COMPAT)
+            compat = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(compat)
+            compat.install_torchvision_shim()
         return None
 
 

@@ -1,6 +1,7 @@
 """A real headless ComfyUI server on 127.0.0.1 with this pack in custom_nodes: /object_info shows the nodes, the
 plan dropdown lists models/dfa_plans (+ extra_model_paths.yaml), and API-format workflows
-(loader -> DFAApply -> KSampler -> SaveLatent) run, with two models and different plans in one prompt."""
+(loader -> DFAApply -> KSampler -> SaveLatent) run, with two models and different plans in one prompt, and
+loader -> DFACalibrate -> DFAApply -> KSampler runs as one prompt."""
 
 import json
 import os
@@ -165,7 +166,7 @@ def test_object_info_lists_the_nodes_and_plans(server):
     assert sorted(options) == sorted(["flux_full.json", "flux_ac.json", "sd35m_full.json", "sd35m_ac.json", "none"])
     assert "DFALoadPlan" in server.get("/object_info")
     templates = server.get("/api/workflow_templates")
-    assert sorted(templates.get(PACK_DIR_NAME, [])) == ["dfa_apply_flux", "dfa_apply_sd35_medium"]
+    assert sorted(templates.get(PACK_DIR_NAME, [])) == ["dfa_apply_flux", "dfa_apply_sd35_medium", "dfa_calibrate_apply_flux"]
     assert f"{PACK_DIR_NAME}" not in "".join(l for l in server.log_text().splitlines() if "IMPORT FAILED" in l)
 
 
@@ -205,3 +206,58 @@ def test_flux_on_an_old_host_names_the_version(server):
     st = server.run(wf)
     assert st.get("status_str") == "error"
     assert "0.3.75" in json.dumps(st)
+
+
+def _calibrate_workflow(*, family: str, plan_name: str, delta: float, seed: int, prefix: str) -> dict:
+    flux = family == "flux"
+    unet, pooled = ("tiny_flux.safetensors", 32) if flux else ("tiny_sd35m.safetensors", 64)
+    loader = _flux_loader() if flux else "UNETLoader"
+    wf = {
+        "1": {"class_type": loader, "inputs": {"unet_name": unet, **({"weight_dtype": "default"} if loader == "UNETLoader" else {})}},
+        "2": {"class_type": "DFATestConditioning", "inputs": {"tokens": 32, "context_dim": 64, "pooled_dim": pooled, "seed": 1}},
+        "3": {"class_type": "DFATestConditioning", "inputs": {"tokens": 32, "context_dim": 64, "pooled_dim": pooled, "seed": 2}},
+        "4": {"class_type": "DFACalibrate", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "prompts": "unused\nwhen positive is connected",
+            "negative_prompt": "", "width": 256, "height": 256, "steps": 4, "cfg": 1.0, "guidance": 3.5,
+            "sampler_name": "euler", "scheduler": "simple", "seed": 0, "delta": delta,
+            "candidates": "cache + arrow 8/16/32 (default)", "plan_name": plan_name, "overwrite": False}},
+        "5": {"class_type": "DFAApply", "inputs": {"model": ["1", 0], "plan": "none", "enabled": True, "start_percent": 0.0,
+                                                   "end_percent": 1.0, "dfa_plan": ["4", 0]}},
+        "6": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["5", 0], "seed": seed, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["6", 0], "denoise": 1.0}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"latents/{prefix}"}},
+    }
+    return wf
+
+
+def test_calibrate_apply_ksampler_in_one_prompt(server):
+    """Calibrate -> Apply -> KSampler as one API-format prompt; the plan file lands in models/dfa_plans; re-queueing
+    with a new sampler seed reuses the cached calibration; a changed calibration input with the same plan_name fails
+    before calibrating and leaves the file alone."""
+    from dfav2.calibration.plan import load_plan
+
+    info = server.get("/object_info/DFACalibrate")["DFACalibrate"]
+    assert info["display_name"] == "DiTFastAttnV2 Calibrate" and info["category"] == "model_patches/DiTFastAttnV2"
+    assert info["output"] == ["DFA_PLAN", "STRING"]
+    assert {"clip", "positive", "negative"} == set(info["input"].get("optional", {}))
+    family = "flux" if A.host_support().flux_block_identity else "sd35m"
+    name = f"srv_{family}"
+    st = server.run(_calibrate_workflow(family=family, plan_name=name, delta=0.5, seed=0, prefix="cal0"))
+    assert st.get("status_str") == "success", json.dumps(st)[:3000]
+    path = server.base / "models" / "dfa_plans" / f"{name}.json"
+    plan = load_plan(path)
+    assert plan.model.family == ("flux" if family == "flux" else "sd3") and len(plan.positions) == 4
+    assert torch.isfinite(_latent(server, "cal0")).all()
+    before = path.read_bytes()
+
+    st = server.run(_calibrate_workflow(family=family, plan_name=name, delta=0.5, seed=1, prefix="cal1"))
+    assert st.get("status_str") == "success", json.dumps(st)[:3000]  # DFACalibrate cached: not run again
+    assert _latent(server, "cal1").shape == _latent(server, "cal0").shape
+
+    st = server.run(_calibrate_workflow(family=family, plan_name=name, delta=0.3, seed=1, prefix="cal2"))
+    assert st.get("status_str") == "error" and "already exists and overwrite is off" in json.dumps(st)
+    assert path.read_bytes() == before
+    log = server.log_text()
+    assert "DiTFastAttnV2 calibration wrote" in log or path.exists()

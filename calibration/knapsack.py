@@ -105,8 +105,8 @@ def _dp(r: NDArray[np.float64], s: NDArray[np.int64], allowed: NDArray[np.bool_]
     total = int(feasible.max())  # 0 (all full) is always feasible
     choice = np.full(heads, -1, dtype=np.int64)
     for h in reversed(live):
-        m = int(picks[h, total])
-        choice[h] = m
-        if m >= 0:
-            total -= int(units[h, m])
+        pick = int(picks[h, total])
+        choice[h] = pick
+        if pick >= 0:
+            total -= int(units[h, pick])
     return choice

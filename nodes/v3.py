@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.latest import ComfyExtension, io, ui
 
 from ..calibration.cli import summarize
 from ..calibration.plan import Plan
@@ -141,7 +141,8 @@ class DFALoadPlan(io.ComfyNode):
     @classmethod
     def execute(cls, plan: str) -> io.NodeOutput:
         loaded = load_plan_file(plan)
-        return io.NodeOutput(loaded, f"plan: {plan}\n{summarize(loaded)}")
+        summary = f"plan: {plan}\n{summarize(loaded)}"
+        return io.NodeOutput(loaded, summary, ui=ui.PreviewText(summary))  # shown on the node by web/dfav2.js
 
 
 def _sampler_names() -> list[str]:
@@ -281,7 +282,7 @@ class DFACalibrate(io.ComfyNode):
             sampler_name=sampler_name, scheduler=scheduler, seed=seed, delta=delta, candidates=candidates,
             plan_name=plan_name, overwrite=overwrite,
         )
-        return io.NodeOutput(result.plan, result.summary)
+        return io.NodeOutput(result.plan, result.summary, ui=ui.PreviewText(result.summary))
 
 
 class DFAExtension(ComfyExtension):

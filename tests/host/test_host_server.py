@@ -168,6 +168,8 @@ def test_object_info_lists_the_nodes_and_plans(server):
     templates = server.get("/api/workflow_templates")
     assert sorted(templates.get(PACK_DIR_NAME, [])) == ["dfa_apply_flux", "dfa_apply_sd35_medium", "dfa_calibrate_apply_flux"]
     assert f"{PACK_DIR_NAME}" not in "".join(l for l in server.log_text().splitlines() if "IMPORT FAILED" in l)
+    # The front-end file that shows plan summaries on the nodes is served from web/.
+    assert f"/extensions/{PACK_DIR_NAME}/dfav2.js" in server.get("/extensions")
 
 
 def test_two_models_with_different_plans_in_one_prompt(server):

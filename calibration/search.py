@@ -37,7 +37,7 @@ class SearchConfig:
     delta: float
     candidates: tuple[HeadMethod, ...] = DEFAULT_CANDIDATES
     head_cap_factor: float = HEAD_CAP_FACTOR
-    tile: int = 128
+    tile: int | None = None  # cost-model tile; None: the Triton kernel's tile for the head_dim (128, or 64 if <= 64)
     offload: bool = True
 
     def __post_init__(self) -> None:
@@ -148,8 +148,9 @@ class ProgressiveCalibrator:
         if s is None:
             spec = self.model.layers[layer]
             geo = Geometry(txt_len, n_img, spec.heads, spec.head_dim)
-            full = head_cost(geo, FULL, self.config.tile)
-            s = np.array([full - head_cost(geo, m, self.config.tile) for m in self.config.candidates], dtype=np.int64)
+            tile = self.config.tile or (64 if spec.head_dim <= 64 else 128)
+            full = head_cost(geo, FULL, tile)
+            s = np.array([full - head_cost(geo, m, tile) for m in self.config.candidates], dtype=np.int64)
             self._saving_cache[key] = s
         return s
 

@@ -396,6 +396,9 @@ class _Run:
         """True: this routed call runs exactly as the host would (no engine work needed)."""
         return False
 
+    def check_run(self, n_img: int, to: dict) -> None:
+        """Called for every routed forward: compare the run with what the plan was made for (warn once)."""
+
     def forget(self, fwd: _Forward, layer: int, device: torch.device) -> None:
         """The layer ran the host's attention instead of the routed path."""
 
@@ -442,6 +445,7 @@ class _Run:
             p = self.patch.info.patch_size
             n_img = -(-int(x.shape[-2]) // p) * -(-int(x.shape[-1]) // p)
             txt_len = int(context.shape[1]) + self.patch.info.register_length
+            self.check_run(n_img, to)
             position = self.position(sigma)
             chunks = to.get("uuids") or to.get("cond_or_uncond") or ()
             try:
@@ -653,6 +657,26 @@ class _PlanRun(_Run):
         if self.end_sigma < sigma <= self.start_sigma:
             return self.plan.position_for_sigma(sigma)
         return None
+
+    def check_run(self, n_img: int, to: dict) -> None:
+        cal = self.plan.calibration
+        if cal is None or "run differs" in self._warned:
+            return
+        self._warned.add("run differs")
+        notes = []
+        sample_sigmas = to.get("sample_sigmas")
+        steps = len(sample_sigmas) - 1 if sample_sigmas is not None and len(sample_sigmas) > 1 else None
+        if steps is not None and steps != cal.steps:
+            notes.append(f"{steps} steps instead of {cal.steps}")
+        p = self.patch.info.patch_size
+        cal_img = -(-(cal.height // 8) // p) * -(-(cal.width // 8) // p)
+        if n_img != cal_img:
+            notes.append(f"{n_img} image tokens instead of {cal_img} ({cal.width}x{cal.height})")
+        if notes:
+            log.warning(
+                "DiTFastAttnV2: this run differs from the plan's calibration (%s); the plan is mapped by sigma and "
+                "arrow bands scale with the image, but its error budget was measured at the calibrated settings. "
+                "Calibrate a plan for these settings if the result changes visibly.", "; ".join(notes))
 
     def shortcut(self, fwd: _Forward, layer: int, heads: int, seq_len: int, batch: int, head_dim: int) -> bool:
         assert fwd.position is not None

@@ -371,3 +371,31 @@ def test_calibration_pass_then_apply_reproduces_it(models, family, sampler, cfg)
     assert torch.equal(out, res.samples)
     s = _summary(patched)
     assert s.fallbacks == {} and (s.cache_hits, s.cache_misses) == H.expected_cache_counts(res.plan, s.forwards)
+
+
+def test_run_that_differs_from_the_calibration_warns_once(models, caplog):
+    """README's mapping rule: a run with another step count or resolution than the plan's calibration works
+    (mapped by sigma) and says so once per run."""
+    import dataclasses
+
+    from dfav2.calibration.plan import CalibrationRecord
+
+    model = models["sd3"]
+    full_plan, _ = _plans(model)
+    record = CalibrationRecord(
+        delta=0.4, candidates=("full", "cache"), prompts=1, steps=28, sampler="euler", scheduler="simple", cfg=1.0,
+        guidance=None, width=1024, height=1024, txt_len=154, seed=0, host_version="test", pack_version="test",
+        date="2026-11-24", wall_time_s=1.0,
+    )
+    patched = A.apply_dfa(model, plan=dataclasses.replace(full_plan, calibration=record))
+    with caplog.at_level(logging.WARNING):
+        H.ksample(patched, "sd3")
+    notes = [r.getMessage() for r in caplog.records if "differs from the plan's calibration" in r.getMessage()]
+    assert len(notes) == 1
+    assert "4 steps instead of 28" in notes[0] and "instead of 4096 (1024x1024)" in notes[0]
+    caplog.clear()
+    same = dataclasses.replace(record, steps=4, width=256, height=256)
+    patched = A.apply_dfa(model, plan=dataclasses.replace(full_plan, calibration=same))
+    with caplog.at_level(logging.WARNING):
+        H.ksample(patched, "sd3")
+    assert not [r for r in caplog.records if "differs from the plan's calibration" in r.getMessage()]

@@ -110,12 +110,15 @@ def _flex_fn(compiled: bool):
     return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
+@functools.lru_cache(maxsize=1)
+def _cuda_auto_backend() -> ArrowBackend:
+    return "triton" if available_backends()["triton"] is None else "flex"
+
+
 def _resolve_backend(backend: ArrowBackend, device: torch.device) -> ArrowBackend:
     if backend != "auto":
         return backend
-    if device.type == "cuda":
-        return "triton" if available_backends()["triton"] is None else "flex"
-    return "sdpa"
+    return _cuda_auto_backend() if device.type == "cuda" else "sdpa"
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, mask=None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Rows: cuDNN SDPA (dense), default SDPA (FLASH, dense), FlexAttention with the same per-head masks
 (BlockMask built once, outside timing; torch.compile(flex_attention)), ours (+ config/TMA variants).
 Plans: all full, arrow/8, /16, /32 on all heads, mixed (h % 3: full / arrow16 / skip).
-Usage: python bench/bench_arrow.py [out.json] [--quick] [--sweep] [--variants]
+Usage: python bench/bench_arrow.py [out.json] [--quick] [--sweep] [--variants] [--shapes=a,b] [--plans=x,y]
 """
 
 from __future__ import annotations
@@ -131,6 +131,10 @@ def main():
            "date": time.strftime("%Y-%m-%d"), "dtype": "bf16", "rows": [], "sweep": [], "variants": []}
     n_sets = 2
     shapes = SHAPES[3:4] if quick else SHAPES
+    only = [a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--shapes=")]
+    if only:
+        shapes = [s for s in SHAPES if s[0] in only[0]]
+    plans_sel = [a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--plans=")]
     for name, B, H, T, N, D, layout in shapes:
         L = T + N
         gen = torch.Generator(device=dev).manual_seed(0)
@@ -160,7 +164,7 @@ def main():
         h_slow = host_us(lambda: at._launch(qo, ko, vo, hw_skip, T, layout, None, o_skip, fast=False))
         res.setdefault("host_us", []).append(dict(shape=name, cached=h_fast, uncached=h_slow))
         print(f"  host per call: cached plan {h_fast:.1f} us, rebuilt every call {h_slow:.1f} us", flush=True)
-        for plan in PLANS if not quick else ["full", "arrow16", "mixed"]:
+        for plan in plans_sel[0] if plans_sel else (PLANS if not quick else ["full", "arrow16", "mixed"]):
             wins = plan_windows(plan, H, N)
             hw = torch.tensor(wins, dtype=torch.int32, device=dev)
             uniq = {w: kept_pairs(w, L, T) for w in set(wins)}

@@ -11,14 +11,14 @@ upstream compression. Previous outputs wait in pinned CPU memory, not on the GPU
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..kernels.cost import Geometry, head_cost
-from ..kernels.engine import ArrowBackend, DenseFn, headwise_attention
+from ..kernels.engine import ArrowBackend, CachedHeads, DenseFn, headwise_attention
 from ..kernels.methods import CACHE, FULL, HeadMethod, LayerDecision, MethodKind, arrow
 from .knapsack import HEAD_CAP_FACTOR, solve_layer
 from .metric import head_rse
@@ -180,8 +180,6 @@ class ProgressiveCalibrator:
         decisions = self._decisions[pos]
         prev = self._prev.get(key, q.device) if pos > 0 else None
         if layer in decisions:
-            from ..kernels.engine import CachedHeads
-
             dec = decisions[layer]
             cached = None if prev is None else CachedHeads(tuple(range(dec.heads)), prev)
             out, _ = headwise_attention(q, k, v, txt_len, dec, cached=cached, dense=dense, backend=self.backend)
@@ -191,7 +189,7 @@ class ProgressiveCalibrator:
         else:
             out, decisions[layer] = self._search(pos, layer, txt_len, q, k, v, dense, prev)
         self._prev.put(key, out)
-        if next_layer is not None and pos >= 0:
+        if next_layer is not None:
             self._prev.prefetch((chunk, next_layer), q.device)
         return out
 
@@ -236,6 +234,3 @@ class ProgressiveCalibrator:
         self._prev.clear()
         self.rse_log.clear()
 
-
-def candidate_names(candidates: Sequence[HeadMethod]) -> tuple[str, ...]:
-    return ("full",) + tuple(m.name for m in candidates)

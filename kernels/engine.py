@@ -103,7 +103,7 @@ def _flex_block_mask(txt_len: int, seq_len: int, widths: tuple[int | None, ...],
     return arrow_block_mask(txt_len, seq_len, widths, device=device)
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)
 def _flex_fn(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
 

@@ -33,6 +33,7 @@ def _need(family):
 def plans_dir(tmp_path, monkeypatch):
     import folder_paths
 
+    import dfav2.nodes.v3  # noqa: F401 - registers the real folder at import: do it before redirecting it
     from dfav2.nodes import plans as P
 
     d = tmp_path / "dfa_plans"

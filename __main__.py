@@ -1,4 +1,5 @@
-"""Command-line entry: ``python <pack folder> validate PLAN`` / ``inspect PLAN`` / ``demo [options]`` (see README)."""
+"""Command-line entry (see README): ``python <pack folder> validate PLAN`` / ``inspect PLAN`` need no host;
+``demo``, ``train-ref``, ``study`` import ComfyUI first (found via COMFYUI_PATH or custom_nodes)."""
 
 import importlib.util
 import sys
@@ -17,7 +18,11 @@ def _load_pack(name: str = "dfav2"):
     return sys.modules[name]
 
 
-def _demo(argv: list) -> int:
+#: Commands that need the host: name -> module of the pack with a ``main(argv)``.
+HOST_COMMANDS = {"demo": "nodes.demo", "train-ref": "refmodels.train", "study": "refmodels.study"}
+
+
+def _host_command(cmd: str, argv: list) -> int:
     # ComfyUI must be importable (and --cpu set) before the pack's `nodes` package is imported: prepare it with the
     # standalone nodes/_host_compat.py, loaded by file path.
     spec = importlib.util.spec_from_file_location("dfav2_host_compat", ROOT / "nodes" / "_host_compat.py")
@@ -27,22 +32,20 @@ def _demo(argv: list) -> int:
     if not {"-h", "--help"} & set(argv):
         comfy_path, why = compat.find_comfyui(ROOT)
         if comfy_path is None:
-            print(f"demo: {why}", file=sys.stderr)
+            print(f"{cmd}: {why}", file=sys.stderr)
             return 2
         try:
             compat.import_comfyui(comfy_path, cpu=True if "--cpu" in argv else None)
         except Exception as exc:  # noqa: BLE001 - one line, not a traceback
-            print(f"demo: ComfyUI at {comfy_path} could not be imported: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"{cmd}: ComfyUI at {comfy_path} could not be imported: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2
     _load_pack()
-    from dfav2.nodes.demo import main
-
-    return main(argv)
+    return importlib.import_module(f"dfav2.{HOST_COMMANDS[cmd]}").main(argv)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["demo"]:
-        sys.exit(_demo(sys.argv[2:]))
+    if sys.argv[1:2] and sys.argv[1] in HOST_COMMANDS:
+        sys.exit(_host_command(sys.argv[1], sys.argv[2:]))
     _load_pack()
     from dfav2.calibration.cli import main
 

@@ -28,8 +28,8 @@ from . import codec, models, scenes, text
 
 #: Per model: steps, batch at the base resolution, learning rate. One H200 trains both at once in about 8 minutes.
 CONFIGS = {
-    "flux": dict(steps=3200, batch=48, lr=4e-4),
-    "sd35m": dict(steps=3800, batch=64, lr=5e-4),
+    "flux": dict(steps=3000, batch=48, lr=4e-4),
+    "sd35m": dict(steps=3600, batch=64, lr=5e-4),
 }
 BASE_RES = 512  # 32 x 32 = 1024 image tokens
 HIRES = 1024  # every HIRES_EVERY-th step, batch // 4 at 1024 px (4096 tokens: same token count per step)

@@ -78,6 +78,23 @@ def solve_layer(
     return _dp(r, s, allowed, delta, resolution)
 
 
+def solve_layer_uniform(rse: ArrayLike, saving: ArrayLike, delta: float) -> NDArray[np.int64]:
+    """Layer granularity (DiTFastAttn v1): one candidate for every head of the layer, or all full.
+
+    Picks the candidate with the largest summed saving whose summed head error stays within `delta`
+    (ties: lower error, then lower index); no per-head cap. Same inputs and output as `solve_layer`.
+    """
+    r = np.asarray(rse, dtype=np.float64)
+    heads, cands = r.shape
+    s = np.broadcast_to(np.asarray(saving, dtype=np.float64), (heads, cands)).sum(0)
+    total = np.where(np.isfinite(r).all(0), r.sum(0), np.inf)
+    ok = np.flatnonzero((total <= delta) & (s > 0))
+    if len(ok) == 0:
+        return np.full(heads, -1, dtype=np.int64)
+    best = ok[np.lexsort((ok, total[ok], -s[ok]))[0]]
+    return np.full(heads, best, dtype=np.int64)
+
+
 def _dp(r: NDArray[np.float64], s: NDArray[np.int64], allowed: NDArray[np.bool_], delta: float, resolution: int) -> NDArray[np.int64]:
     """Exact DP over integer savings: for every reachable total saving, the least total error."""
     heads, cands = r.shape

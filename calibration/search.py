@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ import torch
 from ..kernels.cost import Geometry, head_cost
 from ..kernels.engine import ArrowBackend, CachedHeads, DenseFn, headwise_attention
 from ..kernels.methods import CACHE, FULL, HeadMethod, LayerDecision, MethodKind, arrow
-from .knapsack import HEAD_CAP_FACTOR, solve_layer
+from .knapsack import HEAD_CAP_FACTOR, solve_layer, solve_layer_uniform
 from .metric import head_rse
 from .plan import CalibrationRecord, ModelSignature, Plan, PlanPosition
 
@@ -39,6 +40,7 @@ class SearchConfig:
     head_cap_factor: float = HEAD_CAP_FACTOR
     tile: int | None = None  # cost-model tile; None: the Triton kernel's tile for the head_dim (128, or 64 if <= 64)
     offload: bool = True
+    granularity: Literal["head", "layer"] = "head"  # "layer": all heads of a layer share one method (v1, a baseline)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.delta, (int, float)) and 0 <= self.delta < float("inf")):
@@ -47,6 +49,8 @@ class SearchConfig:
             raise ValueError("'full' is implicit; list only compressing candidates")
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError("candidates must be distinct")
+        if self.granularity not in ("head", "layer"):
+            raise ValueError(f"granularity must be 'head' or 'layer', got {self.granularity!r}")
 
 
 class _PrevOutputs:
@@ -208,7 +212,11 @@ class ProgressiveCalibrator:
             rses.append(head_rse(y, dense_out) if y is not None else torch.full((heads,), float("inf"), device=q.device))
         rse = torch.stack(rses, 1).cpu().numpy().astype(np.float64)  # one sync per layer: decisions live on the host
         self.rse_log.append((pos, layer, rse))
-        choice = solve_layer(rse, self._savings(txt_len, n_img, layer), self.config.delta, head_cap_factor=self.config.head_cap_factor)
+        savings = self._savings(txt_len, n_img, layer)
+        if self.config.granularity == "layer":
+            choice = solve_layer_uniform(rse, savings, self.config.delta)
+        else:
+            choice = solve_layer(rse, savings, self.config.delta, head_cap_factor=self.config.head_cap_factor)
         methods = tuple(FULL if c < 0 else self.config.candidates[c] for c in choice.tolist())
         out = dense_out
         for ci, y in enumerate(outs):

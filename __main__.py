@@ -19,7 +19,7 @@ def _load_pack(name: str = "dfav2"):
 
 
 #: Commands that need the host: name -> module of the pack with a ``main(argv)``.
-HOST_COMMANDS = {"demo": "nodes.demo", "train-ref": "refmodels.train", "study": "refmodels.study"}
+HOST_COMMANDS = {"demo": "refmodels.demo", "train-ref": "refmodels.train", "study": "refmodels.study"}
 
 
 def _host_command(cmd: str, argv: list) -> int:

@@ -21,7 +21,7 @@ import torch
 from ..calibration.cli import flops_kept, summarize
 from ..calibration.plan import CalibrationRecord, Plan, save_plan
 from ..calibration.prompts import parse_prompts
-from ..calibration.search import DEFAULT_CANDIDATES, ProgressiveCalibrator, SearchConfig
+from ..calibration.search import DEFAULT_CANDIDATES, DEFAULT_DELTA, ProgressiveCalibrator, SearchConfig
 from ..kernels.engine import ArrowBackend
 from ..kernels.methods import CACHE, HeadMethod, arrow
 from .adapter import CalibrationPatch, _model_info, host_support, install_patch
@@ -257,7 +257,7 @@ def calibrate_plan_node(
     sampler_name: str = "euler",
     scheduler: str = "simple",
     seed: int = 0,
-    delta: float = 0.4,
+    delta: float = DEFAULT_DELTA,
     candidates: str = DEFAULT_CANDIDATE_SET,
     plan_name: str = "my_plan",
     overwrite: bool = False,

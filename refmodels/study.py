@@ -315,8 +315,10 @@ def run_model(name: str, a: argparse.Namespace, out: dict, deadline: float, save
 
 
 def plot(out: dict, folder: Path) -> list[Path]:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise SystemExit("study: the plots need matplotlib (pip install matplotlib); study.json is written") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -224,6 +224,7 @@ class _FakeClip:
 
 def test_node_schema_and_execute_with_clip_and_prompt_list(models, plans_dir):
     from dfav2.calibration.prompts import DEFAULT_PROMPTS
+    from dfav2.calibration.search import DEFAULT_DELTA
     from dfav2.nodes.calibrate import CANDIDATE_SETS
     from dfav2.nodes.v3 import CATEGORY, DFACalibrate, DFAExtension
 
@@ -233,7 +234,7 @@ def test_node_schema_and_execute_with_clip_and_prompt_list(models, plans_dir):
     inputs = {i.id: i for i in schema.inputs}
     assert all(i.tooltip for i in schema.inputs)
     assert inputs["prompts"].default.splitlines() == list(DEFAULT_PROMPTS) and len(DEFAULT_PROMPTS) == 8
-    assert inputs["delta"].default == 0.4 and (inputs["delta"].min, inputs["delta"].max) == (0.0, 2.0)
+    assert inputs["delta"].default == DEFAULT_DELTA and (inputs["delta"].min, inputs["delta"].max) == (0.0, 2.0)
     assert inputs["candidates"].options == list(CANDIDATE_SETS)
     assert (inputs["sampler_name"].default, inputs["scheduler"].default) == ("euler", "simple")
     assert (inputs["width"].default, inputs["height"].default, inputs["steps"].default) == (1024, 1024, 28)
@@ -258,15 +259,17 @@ def test_node_schema_and_execute_with_clip_and_prompt_list(models, plans_dir):
 
 
 def test_demo_command(tmp_path):
+    """The README's main job on a shipped reference model (SD3.5-M, the smaller one), small enough for CPU CI."""
     env = dict(os.environ, COMFYUI_PATH=str(H.COMFY_PATH))
-    model = "flux" if A.host_support().flux_error() is None else "sd3"
-    r = subprocess.run([sys.executable, str(H.PACK_ROOT), "demo", "--model", model, "--steps", "4", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    r = subprocess.run([sys.executable, str(H.PACK_ROOT), "demo", "--model", "sd35m", "--steps", "4", "--images", "2",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     out = r.stdout
-    for needle in ("DiTFastAttnV2 demo: ComfyUI", "attention FLOPs kept at 256x256", "methods: full",
-                   "estimated attention speed-up", "unpatched: ", "patched:   ", "dense fallbacks 0",
-                   "patched vs calibration pass: max |diff| 0;", "demo: OK"):
+    for needle in ("DiTFastAttnV2 demo: ComfyUI", "reference sd35m", "attention FLOPs kept at 512x512", "methods: full",
+                   "unpatched: ", "patched:   ", "dense fallbacks 0", "compressed vs uncompressed: PSNR",
+                   "ground truth", "demo: OK"):
         assert needle in out, (needle, out)
-    files = list(tmp_path.glob("demo_*.json"))
-    assert len(files) == 1 and load_plan(files[0]).model.family == ("flux" if model == "flux" else "sd3")
+    plans = list(tmp_path.glob("demo_*.json"))
+    assert len(plans) == 1 and load_plan(plans[0]).model.family == "sd3"
+    pngs = list(tmp_path.glob("demo_*.png"))
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000

@@ -11,8 +11,7 @@ import pytest
 
 import dfa_hostenv as H
 
-if H.COMFY_PATH is None:
-    pytest.skip(H.SKIP_REASON, allow_module_level=True)
+H.skip_module_without_host()
 pytestmark = [pytest.mark.host, pytest.mark.usefixtures("host")]
 
 import torch  # noqa: E402
@@ -260,7 +259,11 @@ def test_node_schema_and_execute_with_clip_and_prompt_list(models, plans_dir):
 def test_demo_command(tmp_path):
     env = dict(os.environ, COMFYUI_PATH=str(H.COMFY_PATH))
     model = "flux" if A.host_support().flux_error() is None else "sd3"
-    r = subprocess.run([sys.executable, str(H.PACK_ROOT), "demo", "--model", model, "--steps", "4", "--out", str(tmp_path)],
+    # `python <pack> demo ...` through launch_demo.py, which only moves ComfyUI's base directory to a temporary
+    # folder (otherwise importing ComfyUI creates <ComfyUI>/input in the host tree).
+    base = tmp_path / "comfy_base"
+    r = subprocess.run([sys.executable, str(H.HERE / "launch_demo.py"), str(base), str(H.PACK_ROOT), "demo",
+                        "--model", model, "--steps", "4", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     out = r.stdout

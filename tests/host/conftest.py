@@ -11,12 +11,16 @@ if str(HERE) not in sys.path:
 
 
 @pytest.fixture(scope="session")
-def host():
-    """Imports ComfyUI (at test time, not collection); skips with the reason when it cannot be used."""
+def host(tmp_path_factory):
+    """Imports ComfyUI (at test time, not collection) with a temporary base directory. Without a configured host
+    the test skips with the reason; with COMFYUI_PATH set, a host that does not import fails every host test with
+    the import error (a broken host must not look like a green run)."""
     import dfa_hostenv as H
 
-    error = H.import_host()
+    error = H.import_host(tmp_path_factory.mktemp("comfy_inprocess_base"))
     if error:
+        if H.HOST_REQUESTED:
+            pytest.fail(error, pytrace=False)
         pytest.skip(error)
     return H
 

@@ -1,7 +1,13 @@
 """Host-test environment: find a real ComfyUI, import it in-process on CPU, build tiny models, sample.
 
 ComfyUI is found through ``COMFYUI_PATH`` or because this pack sits in ``ComfyUI/custom_nodes/<pack>``.
-Without one, `SKIP_REASON` says why and every host test module skips itself at collection.
+Without one, `SKIP_REASON` says why and every host test module skips itself at collection. A host that was asked
+for (``COMFYUI_PATH`` set) but cannot be used FAILS the run instead: a broken host (e.g. ComfyUI 0.33 with a
+too-old comfy-kitchen, which makes ``comfy`` fail to import) must not turn into a green run of skipped tests.
+
+Nothing is written into the host tree: the in-process host gets a temporary ``--base-directory`` (as the server
+does), so ComfyUI's folder_paths does not create ``input/`` (or anything else) next to its sources. The host tree
+may be read-only (CI mounts it so).
 """
 
 from __future__ import annotations
@@ -28,14 +34,45 @@ def _load_compat():
 
 compat = _load_compat()
 COMFY_PATH, SKIP_REASON = compat.find_comfyui(PACK_ROOT)
-if SKIP_REASON and not os.environ.get("COMFYUI_PATH"):
+#: COMFYUI_PATH is set: the caller asked for a host, so an unusable one is an error, never a skip.
+HOST_REQUESTED = bool(os.environ.get("COMFYUI_PATH"))
+if SKIP_REASON and not HOST_REQUESTED:
     SKIP_REASON += " to run the host tests"
 _IMPORTED: dict = {}
 
 
-def import_host() -> str | None:
+def skip_module_without_host() -> None:
+    """Module-level gate of every host test module: skip when no host is configured; fail collection (pytest exits
+    non-zero and prints the reason) when COMFYUI_PATH is set but is not a ComfyUI tree."""
+    import pytest
+
+    if COMFY_PATH is not None:
+        return
+    if HOST_REQUESTED:
+        pytest.fail(f"host tests: {SKIP_REASON}", pytrace=False)
+    pytest.skip(SKIP_REASON, allow_module_level=True)
+
+
+def _set_base_directory(comfy_path: Path, base_directory: Path) -> None:
+    """What ``main.py --base-directory`` does, for the in-process host: set ``args.base_directory`` before
+    ``folder_paths`` is imported (it reads it once, at import), so models/, input/, output/, temp/ and user/ live
+    under `base_directory`. Without it, importing ``folder_paths`` creates ``<ComfyUI>/input``."""
+    if "folder_paths" in sys.modules:
+        raise RuntimeError("folder_paths was imported before the host tests could set its base directory")
+    if str(comfy_path) not in sys.path:
+        sys.path.insert(0, str(comfy_path))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.base_directory = str(base_directory)
+
+
+def import_host(base_directory: Path | None = None) -> str | None:
     """Import ComfyUI in-process on CPU (once); returns None, or why the host cannot be used.
 
+    base_directory: ComfyUI's base directory for this process (a temporary folder; see `_set_base_directory`).
     Called at test time, not at collection, so that test modules which configure Triton before importing it
     (TRITON_INTERPRET) are collected before ComfyUI (comfy-kitchen) imports Triton.
     """
@@ -44,9 +81,20 @@ def import_host() -> str | None:
     error = SKIP_REASON
     if COMFY_PATH is not None:
         try:
+            if base_directory is not None:
+                _set_base_directory(COMFY_PATH, base_directory)
             compat.import_comfyui(COMFY_PATH)
+            if base_directory is not None:
+                import folder_paths
+
+                if Path(folder_paths.base_path).resolve() != Path(base_directory).resolve():
+                    raise RuntimeError(f"ComfyUI ignored the base directory: folder_paths.base_path is {folder_paths.base_path}")
         except Exception as exc:  # noqa: BLE001
-            error = f"ComfyUI at {COMFY_PATH} could not be imported: {type(exc).__name__}: {exc}"
+            import traceback
+
+            # The last frames say which module failed (e.g. comfy_kitchen in comfy/ldm/modules/attention.py).
+            tb = "".join(traceback.format_exception(exc, limit=-6))
+            error = f"ComfyUI at {COMFY_PATH} could not be imported: {type(exc).__name__}: {exc}\n{tb}"
     _IMPORTED["error"] = error
     return error
 

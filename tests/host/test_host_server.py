@@ -20,8 +20,7 @@ import pytest
 
 import dfa_hostenv as H
 
-if H.COMFY_PATH is None:
-    pytest.skip(H.SKIP_REASON, allow_module_level=True)
+H.skip_module_without_host()
 pytestmark = [pytest.mark.host, pytest.mark.usefixtures("host")]
 
 import torch  # noqa: E402

@@ -20,13 +20,15 @@ import torch  # noqa: E402
 from dfav2.calibration.cli import flops_kept  # noqa: E402
 from dfav2.calibration.plan import load_plan  # noqa: E402
 from dfav2.nodes import adapter as A  # noqa: E402
+from dfav2.nodes import host as HS  # noqa: E402
+from dfav2.nodes import hooks as K  # noqa: E402
 
 FAMILIES = ("flux", "sd35m")
 
 
 def _need(family):
-    if family == "flux" and A.host_support().flux_error() is not None:
-        pytest.skip(f"ComfyUI {H.host_version()} has no Flux block identity (needs >= {A.MIN_HOST_FLUX})")
+    if family == "flux" and HS.host_support().flux_error() is not None:
+        pytest.skip(f"ComfyUI {H.host_version()} has no Flux block identity (needs >= {HS.MIN_HOST_FLUX})")
 
 
 @pytest.fixture
@@ -61,10 +63,10 @@ def _batch_cond(family, batch, seed):
 def _untouched(model):
     """The input model carries none of our patch: no override, no dfav2 wrappers or callbacks."""
     to = model.model_options.get("transformer_options", {})
-    assert A.SLOT not in to and A.TO_PATCH not in to and A.TO_RUN not in to
+    assert K.SLOT not in to and A.TO_PATCH not in to and K.TO_RUN not in to
     for group in ("wrappers", "callbacks"):
         for per_type in to.get(group, {}).values():
-            assert A.WRAPPER_KEY not in per_type, (group, per_type.keys())
+            assert K.WRAPPER_KEY not in per_type, (group, per_type.keys())
 
 
 @pytest.mark.parametrize("family,size,candidates", [
@@ -259,7 +261,7 @@ def test_node_schema_and_execute_with_clip_and_prompt_list(models, plans_dir):
 
 def test_demo_command(tmp_path):
     env = dict(os.environ, COMFYUI_PATH=str(H.COMFY_PATH))
-    model = "flux" if A.host_support().flux_error() is None else "sd3"
+    model = "flux" if HS.host_support().flux_error() is None else "sd3"
     r = subprocess.run([sys.executable, str(H.PACK_ROOT), "demo", "--model", model, "--steps", "4", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])

@@ -24,8 +24,8 @@ HOST_COMMANDS = {"demo": "refmodels.demo", "train-ref": "refmodels.train", "stud
 
 def _host_command(cmd: str, argv: list) -> int:
     # ComfyUI must be importable (and --cpu set) before the pack's `nodes` package is imported: prepare it with the
-    # standalone nodes/_host_compat.py, loaded by file path.
-    spec = importlib.util.spec_from_file_location("dfav2_host_compat", ROOT / "nodes" / "_host_compat.py")
+    # standalone host_compat.py, loaded by file path.
+    spec = importlib.util.spec_from_file_location("dfav2_host_compat", ROOT / "host_compat.py")
     compat = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = compat
     spec.loader.exec_module(compat)

@@ -8,7 +8,6 @@ Usage: python bench/bench_arrow.py [out.json] [--quick] [--sweep] [--variants] [
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -20,10 +19,10 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("_arrow_triton_bench", ROOT / "kernels" / "arrow_triton.py")
-at = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(at)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _bootstrap import ROOT, load_kernel  # noqa: E402
+
+at = load_kernel()
 
 FULL, SKIP = -1, -2
 SHAPES = [  # name, B, H, T, N, D, layout for ours

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_overhead import FLUX_DEV, FLUX_TINY, ROOT, _import_host, _load_pack  # noqa: E402
+from _bootstrap import ROOT, import_host, load_pack  # noqa: E402
+from bench_overhead import FLUX_DEV, FLUX_TINY  # noqa: E402
 
 
 def main() -> int:
@@ -39,8 +40,8 @@ def main() -> int:
     import torch
 
     cuda = torch.cuda.is_available() and not a.tiny
-    host_version = _import_host(cpu=not cuda)
-    _load_pack()
+    host_version = import_host(cpu=not cuda)
+    load_pack()
     import comfy.model_management
     import comfy.model_patcher
     import comfy.sample

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import statistics
@@ -30,45 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bootstrap import ROOT, import_host, load_pack  # noqa: E402
 
 FLUX_DEV: dict[str, Any] = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
                 num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
                 qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
 FLUX_TINY: dict[str, Any] = dict(FLUX_DEV, vec_in_dim=32, context_in_dim=64, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=4)
-
-
-def _load_pack(name: str = "dfav2"):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def _import_host(cpu: bool) -> str:
-    comfy_dir = Path(os.environ.get("COMFYUI_PATH") or ROOT / ".comfy").resolve()
-    if not (comfy_dir / "comfy" / "model_patcher.py").is_file():
-        raise SystemExit(f"no ComfyUI tree at {comfy_dir}: set COMFYUI_PATH or provide the lean tree .comfy/")
-    sys.path.insert(0, str(comfy_dir))
-    sys.path.insert(0, str(ROOT / "tests" / "host"))
-    from tv_shim_cpu import install_torchvision_shim  # CPU torch + CUDA torchvision wheel (no-op elsewhere)
-
-    install_torchvision_shim()
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    if cpu:
-        comfy.cli_args.args.cpu = True
-    try:
-        from comfyui_version import __version__
-    except ImportError:
-        __version__ = "unknown"
-    return str(__version__)
 
 
 def _timer(device_type: str, warmup_ms: float, rep_ms: float):
@@ -102,15 +69,17 @@ def main() -> int:
     import torch
 
     cuda = torch.cuda.is_available() and not a.tiny
-    host_version = _import_host(cpu=not cuda)
-    _load_pack()
+    host_version = import_host(cpu=not cuda)
+    load_pack()
     import comfy.ldm.modules.attention as attention
     import comfy.ops
     from comfy.ldm.flux.model import Flux
 
     from dfav2.calibration.plan import Plan, PlanPosition
     from dfav2.kernels.methods import CACHE, FULL, LayerDecision, arrow
-    from dfav2.nodes.adapter import finish_run, forward_options, model_signature, standalone_run
+    from dfav2.nodes.adapter import finish_run, standalone_run
+    from dfav2.nodes.hooks import forward_options
+    from dfav2.nodes.layouts import model_signature
 
     dev = torch.device("cuda" if cuda else "cpu")
     dt = torch.bfloat16 if cuda else torch.float32

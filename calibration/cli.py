@@ -9,31 +9,52 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..kernels.cost import Geometry, decision_flops, image_tokens
+from ..kernels.cost import Geometry, head_cost, image_tokens, kernel_tile
+from ..kernels.methods import FULL
 from .plan import Plan, PlanError, load_plan
 
 __all__ = ["main", "summarize", "flops_kept"]
 
-_DEFAULT_TXT = {"flux": 256, "sd3": 154}
+_DEFAULT_TXT = {"flux": 256, "flux2": 512, "sd3": 154}
+#: Pixels per latent cell and latent cells per patch side, per family (what `image_tokens` needs).
+_FAMILY_SCALE = {"flux": (8, 2), "flux2": (16, 1), "sd3": (8, 2)}
 
 
-def flops_kept(plan: Plan, *, width: int, height: int, txt_len: int, tile: int = 128) -> tuple[float, float]:
+def plan_image_tokens(plan: Plan, width: int, height: int) -> int:
+    """Image tokens of a width × height picture for the plan's model family."""
+    vae_scale, patch = _FAMILY_SCALE[plan.model.family]
+    return image_tokens(width, height, vae_scale=vae_scale, patch=patch)
+
+
+def flops_kept(plan: Plan, *, width: int, height: int, txt_len: int, tile: int | None = None) -> tuple[float, float]:
     """Share of the dense attention FLOPs a plan keeps over all positions and layers, at one image size and text
-    length: (token-exact, at `tile`-token tiles). 1.0 = all full; the tiled share bounds the attention-time gain."""
-    n_img = image_tokens(width, height)
-    kept = {None: 0, tile: 0}
-    dense = {None: 0, tile: 0}
-    for pos in plan.positions:
-        for spec, dec in zip(plan.model.layers, pos.layers):
-            geo = Geometry(0 if spec.image_only else txt_len, n_img, spec.heads, spec.head_dim)
-            for t in kept:
-                k, d = decision_flops(geo, dec, t)
-                kept[t] += k
-                dense[t] += d
-    return kept[None] / dense[None], kept[tile] / dense[tile]
+    length: (token-exact, tile-granular). Tiles: `tile` tokens, or None (default) for the kernel's tile of each
+    layer's head_dim (`kernels.cost.kernel_tile`, what the search optimised). 1.0 = all full; the tiled share
+    bounds the attention-time gain."""
+    n_img = plan_image_tokens(plan, width, height)
+    kept = [0, 0]
+    dense = [0, 0]
+    # A head's cost depends only on its layer's geometry and its method: count methods per layer once.
+    for spec, counts in zip(plan.model.layers, plan.layer_method_counts()):
+        geo = Geometry(0 if spec.image_only else txt_len, n_img, 1, spec.head_dim)
+        scale = 4 * spec.head_dim
+        for i, t in enumerate((None, tile or kernel_tile(spec.head_dim))):
+            full = head_cost(geo, FULL, t)
+            for method, n in counts.items():
+                kept[i] += head_cost(geo, method, t) * n * scale
+                dense[i] += full * n * scale
+    return kept[0] / dense[0], kept[1] / dense[1]
 
 
-def summarize(plan: Plan, *, width: int | None = None, height: int | None = None, txt_len: int | None = None, tile: int = 128) -> str:
+def tile_label(plan: Plan, tile: int | None = None) -> str:
+    """How the summaries name the tile rule: '128-token tiles', or the per-head_dim kernel tiles in use."""
+    if tile:
+        return f"{tile}-token tiles"
+    tiles = sorted({kernel_tile(l.head_dim) for l in plan.model.layers})
+    return "/".join(str(t) for t in tiles) + "-token kernel tiles"
+
+
+def summarize(plan: Plan, *, width: int | None = None, height: int | None = None, txt_len: int | None = None, tile: int | None = None) -> str:
     """Human-readable summary: layers, positions, share of each method, attention FLOPs kept."""
     cal = plan.calibration
     width = width or (cal.width if cal else 1024)
@@ -60,7 +81,7 @@ def summarize(plan: Plan, *, width: int | None = None, height: int | None = None
     exact, tiled = flops_kept(plan, width=width, height=height, txt_len=txt_len, tile=tile)
     lines.append(
         f"attention FLOPs kept at {width}x{height} (text {txt_len} tokens): {100 * exact:.1f}% token-exact, "
-        f"{100 * tiled:.1f}% at {tile}-token tiles (attention-time bound {1 / max(tiled, 1e-9):.2f}x)"
+        f"{100 * tiled:.1f}% at {tile_label(plan, tile)} (attention-time bound {1 / max(tiled, 1e-9):.2f}x)"
     )
     return "\n".join(lines)
 

@@ -1,8 +1,10 @@
 """DiTFastAttnV2 plan model and its JSON file format (v1): which method each head of each layer uses
 at each position of the noise schedule.
 
-Plan files are plain JSON, validated field by field on load; nothing in a plan is ever executed.
-Format reference and the run-mapping rule: README.md, section "Plan files".
+Plan files are plain JSON, validated field by field on load; nothing in a plan is ever executed. A loaded
+plan keeps each position's layers as the file's code strings (`DecisionRow`) and decodes a layer decision on
+first use, so a cap-sized file loads in a fraction of a second. Format reference and the run-mapping rule:
+README.md, section "Plan files".
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import bisect
 import json
 import math
 import os
+import re
+import stat
 import tempfile
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
-from ..kernels.methods import FULL, HeadMethod, LayerDecision
+from ..kernels.methods import FULL, HeadMethod, LayerDecision, MethodKind
 
 __all__ = [
     "FORMAT_NAME",
@@ -28,7 +33,10 @@ __all__ = [
     "ModelSignature",
     "CalibrationRecord",
     "PlanPosition",
+    "DecisionRow",
     "Plan",
+    "sanitize_text",
+    "read_plan_bytes",
     "load_plan",
     "loads_plan",
     "save_plan",
@@ -38,8 +46,8 @@ __all__ = [
 FORMAT_NAME = "dfav2-plan"
 FORMAT_VERSION = 1
 MAX_PLAN_BYTES = 16 * 1024 * 1024
-Family = Literal["flux", "sd3"]
-FAMILIES: tuple[str, ...] = ("flux", "sd3")
+Family = Literal["flux", "flux2", "sd3"]
+FAMILIES: tuple[str, ...] = ("flux", "flux2", "sd3")
 
 _MAX_LAYERS = 1024
 _MAX_HEADS = 1024
@@ -54,6 +62,16 @@ _SPARE_CODES = "defghijklmnopqrstuvwxyzDEGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 class PlanError(ValueError):
     """A plan file or plan object is invalid; the message names the field and the offending value."""
+
+
+# Lone surrogates (unencodable: a summary holding one cannot be printed or sent) and control characters other
+# than tab and newline (terminal escapes in logs) become U+FFFD.
+_UNSAFE_TEXT = re.compile("[\ud800-\udfff\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def sanitize_text(text: str) -> str:
+    """`text` with lone surrogates and control characters (except tab and newline) replaced by U+FFFD."""
+    return _UNSAFE_TEXT.sub("\ufffd", text)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -121,14 +139,63 @@ class CalibrationRecord:
     pack_version: str
     date: str
     wall_time_s: float
+    #: Cheap fingerprint of the weights calibrated on (a few sampled values); None: not recorded. Applying the
+    #: plan to other weights of the same architecture (another finetune) warns once.
+    weights: str | None = None
+
+
+class DecisionRow(Sequence[LayerDecision]):
+    """One position's layer decisions as a plan file stores them (one legend-code string per layer), decoded
+    into `LayerDecision`s on first use and interned per plan (the hot path touches few of them)."""
+
+    __slots__ = ("codes", "_legend", "_memo")
+
+    def __init__(self, codes: tuple[str, ...], legend: dict[str, HeadMethod], memo: dict[str, LayerDecision]) -> None:
+        self.codes = codes
+        self._legend = legend
+        self._memo = memo  # shared by the rows of one plan
+
+    def _decode(self, codes: str) -> LayerDecision:
+        dec = self._memo.get(codes)
+        if dec is None:
+            legend = self._legend
+            dec = self._memo[codes] = LayerDecision(tuple(legend[c] for c in codes))
+        return dec
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @overload
+    def __getitem__(self, index: int) -> LayerDecision: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[LayerDecision, ...]: ...
+    def __getitem__(self, index: int | slice) -> LayerDecision | tuple[LayerDecision, ...]:
+        if isinstance(index, slice):
+            return tuple(self._decode(c) for c in self.codes[index])
+        return self._decode(self.codes[index])
+
+    def __iter__(self) -> Iterator[LayerDecision]:
+        return (self._decode(c) for c in self.codes)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"DecisionRow({list(self.codes)!r})"
 
 
 @dataclass(frozen=True)
 class PlanPosition:
-    """Decisions at one schedule position: the sigma of the calibration forward, one decision per layer."""
+    """Decisions at one schedule position: the sigma of the calibration forward, one decision per layer
+    (a tuple, or a `DecisionRow` for plans read from a file)."""
 
     sigma: float
-    layers: tuple[LayerDecision, ...]
+    layers: Sequence[LayerDecision]
 
 
 @dataclass(frozen=True)
@@ -139,24 +206,15 @@ class Plan:
     positions: tuple[PlanPosition, ...]
     calibration: CalibrationRecord | None = None
     description: str = ""
-    _keep: tuple[tuple[tuple[int, ...], ...], ...] = field(init=False, repr=False, compare=False)
+    _keep: dict[tuple[int, int], tuple[int, ...]] = field(init=False, repr=False, compare=False)
     _neg_sigmas: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _counts: list[Counter[HeadMethod]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "description", sanitize_text(self.description))
         _check_plan(self)
-        # Heads whose output must survive a forward at position p: those cached at p (a repeated
-        # evaluation at the same sigma) or at p + 1 (the next step). Missing heads are recomputed.
-        keep = []
-        for p, pos in enumerate(self.positions):
-            nxt = self.positions[p + 1] if p + 1 < len(self.positions) else None
-            row = []
-            for li, dec in enumerate(pos.layers):
-                heads = set(dec.cache_heads)
-                if nxt is not None:
-                    heads.update(nxt.layers[li].cache_heads)
-                row.append(tuple(sorted(heads)))
-            keep.append(tuple(row))
-        object.__setattr__(self, "_keep", tuple(keep))
+        object.__setattr__(self, "_keep", {})  # filled lazily by keep_heads
+        object.__setattr__(self, "_counts", [])  # filled lazily by layer_method_counts
         object.__setattr__(self, "_neg_sigmas", tuple(-p.sigma for p in self.positions))
 
     # -- queries used on the hot path -------------------------------------------------------------
@@ -164,7 +222,16 @@ class Plan:
         return self.positions[position].layers[layer]
 
     def keep_heads(self, position: int, layer: int) -> tuple[int, ...]:
-        return self._keep[position][layer]
+        """Heads whose output must survive a forward at `position`: those cached at it (a repeated evaluation at
+        the same sigma) or at the next position (the next step). Missing heads are recomputed."""
+        key = (position, layer)
+        keep = self._keep.get(key)
+        if keep is None:
+            heads = set(self.decision(position, layer).cache_heads)
+            if position + 1 < len(self.positions):
+                heads.update(self.decision(position + 1, layer).cache_heads)
+            keep = self._keep[key] = tuple(sorted(heads))
+        return keep
 
     def position_for_sigma(self, sigma: float) -> int:
         """Index of the plan position whose calibration sigma is nearest to `sigma` (ties: earlier)."""
@@ -180,12 +247,40 @@ class Plan:
     def sigmas(self) -> tuple[float, ...]:
         return tuple(p.sigma for p in self.positions)
 
+    def layer_method_counts(self) -> list[Counter[HeadMethod]]:
+        """Per layer: how many (position, head) entries use each method. File-backed rows are counted on their
+        code strings, one join per layer, without decoding (a cap-sized plan's summary stays fast). Computed once
+        per plan; callers get copies."""
+        if not self._counts:
+            self._counts.extend(self._count_methods())
+        return [Counter(c) for c in self._counts]
+
+    def _count_methods(self) -> list[Counter[HeadMethod]]:
+        counts: list[Counter[HeadMethod]] = [Counter() for _ in self.model.layers]
+        by_legend: dict[int, list[DecisionRow]] = {}
+        for pos in self.positions:
+            row = pos.layers
+            if isinstance(row, DecisionRow):
+                by_legend.setdefault(id(row._legend), []).append(row)
+            else:
+                for c, dec in zip(counts, row):
+                    c.update(dec.methods)
+        for rows in by_legend.values():
+            legend = rows[0]._legend
+            for li, c in enumerate(counts):
+                joined = "".join([r.codes[li] for r in rows])
+                for code, method in legend.items():
+                    n = joined.count(code)
+                    if n:
+                        c[method] += n
+        return counts
+
     def method_counts(self) -> Counter[str]:
         """How many (position, layer, head) entries use each method name."""
         counts: Counter[str] = Counter()
-        for pos in self.positions:
-            for dec in pos.layers:
-                counts.update(m.name for m in dec.methods)
+        for c in self.layer_method_counts():
+            for m, n in c.items():
+                counts[m.name] += n
         return counts
 
     # -- constructors --------------------------------------------------------------------------------
@@ -211,6 +306,7 @@ def _check_plan(plan: Plan) -> None:
     if not plan.positions:
         raise PlanError("plan.positions: a plan needs at least one position")
     n_layers = len(plan.model.layers)
+    heads = [spec.heads for spec in plan.model.layers]
     prev = math.inf
     for p, pos in enumerate(plan.positions):
         if not (math.isfinite(pos.sigma) and pos.sigma >= 0):
@@ -220,7 +316,12 @@ def _check_plan(plan: Plan) -> None:
         prev = pos.sigma
         if len(pos.layers) != n_layers:
             raise PlanError(f"plan.positions[{p}].layers: expected {n_layers} layers, got {len(pos.layers)}")
-        for li, (dec, spec) in enumerate(zip(pos.layers, plan.model.layers)):
+        row = pos.layers
+        if isinstance(row, DecisionRow) and list(map(len, row.codes)) == heads and (p > 0 or not any(
+            m.kind is MethodKind.CACHE and any(c in s for s in row.codes) for c, m in row._legend.items()
+        )):
+            continue  # checked on the code strings, without decoding
+        for li, (dec, spec) in enumerate(zip(row, plan.model.layers)):
             if dec.heads != spec.heads:
                 raise PlanError(
                     f"plan.positions[{p}].layers[{li}] ({spec.name}): expected {spec.heads} heads, got {dec.heads}"
@@ -254,7 +355,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "layers": [asdict(l) for l in plan.model.layers],
         },
         "calibration": None if plan.calibration is None else {
-            **asdict(plan.calibration), "candidates": list(plan.calibration.candidates)
+            k: v for k, v in {**asdict(plan.calibration), "candidates": list(plan.calibration.candidates)}.items()
+            if not (k == "weights" and v is None)  # optional field: written only when recorded
         },
         "legend": legend,
         "positions": [
@@ -308,15 +410,24 @@ def save_plan(plan: Plan, path: str | os.PathLike[str], *, overwrite: bool = Fal
     return path
 
 
+def read_plan_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a plan file: a regular file of at most MAX_PLAN_BYTES, else PlanError (OSError if it cannot
+    be opened). Opened non-blocking and checked on the open descriptor, so a named pipe or device called
+    ``x.json`` is refused instead of blocking the caller forever."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise PlanError(f"{path.name}: not a regular file")
+        if st.st_size > MAX_PLAN_BYTES:
+            raise PlanError(f"{path.name}: file is {st.st_size} bytes, larger than the {MAX_PLAN_BYTES} byte limit for plans")
+        return f.read(MAX_PLAN_BYTES + 1)
+
+
 def load_plan(path: str | os.PathLike[str]) -> Plan:
     """Read and validate a plan file. Raises PlanError (or FileNotFoundError) with a one-line reason."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size > MAX_PLAN_BYTES:
-        raise PlanError(f"{path.name}: file is {size} bytes, larger than the {MAX_PLAN_BYTES} byte limit for plans")
-    with open(path, "rb") as f:
-        data = f.read(MAX_PLAN_BYTES + 1)
-    return loads_plan(data)
+    return loads_plan(read_plan_bytes(path))
 
 
 def loads_plan(data: str | bytes) -> Plan:
@@ -329,7 +440,7 @@ def loads_plan(data: str | bytes) -> Plan:
         except UnicodeDecodeError as exc:
             raise PlanError(f"plan is not UTF-8 text (byte {exc.start})") from None
     try:
-        raw = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+        raw = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise PlanError(f"plan is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
@@ -344,6 +455,16 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"number {text[:20]} is out of range")
     return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON leaves duplicate keys undefined and Python keeps the last one silently ("version": 99, ..., "version": 1).
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {json.dumps(dup)[:60]}")
+    return out
 
 
 def _reject_constant(name: str) -> Any:
@@ -379,7 +500,7 @@ def _str(x: Any, path: str, max_len: int = _MAX_STR) -> str:
         raise PlanError(f"{path}: expected a string, got {_show(x)}")
     if len(x) > max_len:
         raise PlanError(f"{path}: string longer than {max_len} characters")
-    return x
+    return sanitize_text(x)
 
 
 def _int(x: Any, path: str, lo: int, hi: int = _MAX_INT) -> int:
@@ -466,25 +587,26 @@ def plan_from_dict(raw: Any) -> Plan:
         raise PlanError("plan.legend: two codes name the same method")
 
     positions = []
-    interned: dict[str, LayerDecision] = {}
+    memo: dict[str, LayerDecision] = {}
+    heads = [l.heads for l in layers]
+    strip = {ord(c): None for c in legend}
     for pi, pos in enumerate(_list(top["positions"], "plan.positions", _MAX_POSITIONS)):
         pp = f"plan.positions[{pi}]"
         po = _obj(pos, pp, {"sigma", "layers"})
         sigma = _num(po["sigma"], pp + ".sigma", 0.0, 1e6)
-        decs = []
-        for li, codes in enumerate(_list(po["layers"], pp + ".layers", _MAX_LAYERS)):
-            lp = f"{pp}.layers[{li}]"
-            codes = _str(codes, lp, _MAX_HEADS)
-            dec = interned.get(codes)
-            if dec is None:
+        row = _list(po["layers"], pp + ".layers", _MAX_LAYERS)
+        # Fast check of a well-formed row in C (types, one code per head, only legend codes); anything else
+        # takes the field-by-field path below, which names the first bad value.
+        if not (all(type(c) is str for c in row) and list(map(len, row)) == heads and not "".join(row).translate(strip)):
+            for li, codes in enumerate(row):
+                lp = f"{pp}.layers[{li}]"
+                codes = _str(codes, lp, _MAX_HEADS)
                 bad = next((c for c in codes if c not in legend), None)
                 if bad is not None:
                     raise PlanError(f"{lp}: code {bad!r} is not in plan.legend")
                 if not codes:
                     raise PlanError(f"{lp}: empty decision string")
-                dec = interned[codes] = LayerDecision(tuple(legend[c] for c in codes))
-            decs.append(dec)
-        positions.append(PlanPosition(sigma, tuple(decs)))
+        positions.append(PlanPosition(sigma, DecisionRow(tuple(row), legend, memo)))
     return Plan(model, tuple(positions), calibration, description)
 
 
@@ -494,7 +616,7 @@ def _calibration(c: Any) -> CalibrationRecord:
         "delta", "candidates", "prompts", "steps", "sampler", "scheduler", "cfg", "guidance", "width", "height",
         "txt_len", "seed", "host_version", "pack_version", "date", "wall_time_s",
     }
-    c = _obj(c, p, fields)
+    c = _obj(c, p, fields, {"weights"})
     candidates = tuple(_method(n, f"{p}.candidates[{i}]").name for i, n in enumerate(_list(c["candidates"], p + ".candidates", 64)))
     return CalibrationRecord(
         delta=_num(c["delta"], p + ".delta", 0.0, 1e6),
@@ -513,5 +635,6 @@ def _calibration(c: Any) -> CalibrationRecord:
         pack_version=_str(c["pack_version"], p + ".pack_version"),
         date=_str(c["date"], p + ".date"),
         wall_time_s=_num(c["wall_time_s"], p + ".wall_time_s", 0.0, 1e9),
+        weights=None if c.get("weights") is None else _str(c["weights"], p + ".weights", 128),
     )
 

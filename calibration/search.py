@@ -18,8 +18,17 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..kernels.cost import Geometry, head_cost
-from ..kernels.engine import ArrowBackend, CachedHeads, DenseFn, headwise_attention
+from ..kernels.cost import Geometry, head_cost, kernel_tile
+from ..kernels.engine import (
+    ArrowBackend,
+    CachedHeads,
+    CallContext,
+    DenseFn,
+    EngineStats,
+    KernelTables,
+    call_cost,
+    headwise_attention,
+)
 from ..kernels.methods import CACHE, FULL, HeadMethod, LayerDecision, MethodKind, arrow
 from .knapsack import HEAD_CAP_FACTOR, solve_layer, solve_layer_uniform
 from .metric import head_rse
@@ -41,7 +50,7 @@ class SearchConfig:
     delta: float
     candidates: tuple[HeadMethod, ...] = DEFAULT_CANDIDATES
     head_cap_factor: float = HEAD_CAP_FACTOR
-    tile: int | None = None  # cost-model tile; None: the Triton kernel's tile for the head_dim (128, or 64 if <= 64)
+    tile: int | None = None  # cost-model tile; None: the kernel's tile for the layer's head_dim (kernels.cost.kernel_tile)
     offload: bool = True
     granularity: Literal["head", "layer"] = "head"  # "layer": all heads of a layer share one method (v1, a baseline)
 
@@ -122,8 +131,9 @@ class ProgressiveCalibrator:
     """Collects a plan during one sampling pass. Host-independent: the adapter supplies sigmas,
     layer indices, text lengths and the host's dense attention.
 
-    Call `begin_forward(sigma)` before each model evaluation, then `attend(...)` for every attention
-    call of that evaluation in forward order, finally `plan(record)`.
+    Call `begin_forward(sigma)` before each model evaluation, then `attend(ctx, q, k, v, ...)` (the
+    `AttentionConsumer` protocol the engine also implements) for every attention call of that evaluation in
+    forward order, finally `plan(record)`.
     """
 
     def __init__(self, model: ModelSignature, config: SearchConfig, *, backend: ArrowBackend = "auto") -> None:
@@ -135,6 +145,9 @@ class ProgressiveCalibrator:
         self._prev = _PrevOutputs(config.offload)
         self._saving_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self.rse_log: list[tuple[int, int, np.ndarray]] = []  # (position, layer, rse [H, M]) for reports
+        self.stats = EngineStats()  # what the compressed outputs fed forward cost (as the engine reports it)
+        self.txt_len: int | None = None  # text tokens of the first call of a text+image layer (for the record)
+        self.tables = KernelTables()
 
     @property
     def position(self) -> int:
@@ -155,7 +168,7 @@ class ProgressiveCalibrator:
         if s is None:
             spec = self.model.layers[layer]
             geo = Geometry(txt_len, n_img, spec.heads, spec.head_dim)
-            tile = self.config.tile or (64 if spec.head_dim <= 64 else 128)
+            tile = self.config.tile or kernel_tile(spec.head_dim)
             full = head_cost(geo, FULL, tile)
             s = np.array([full - head_cost(geo, m, tile) for m in self.config.candidates], dtype=np.int64)
             self._saving_cache[key] = s
@@ -164,53 +177,62 @@ class ProgressiveCalibrator:
     @torch.no_grad()
     def attend(
         self,
-        layer: int,
-        txt_len: int,
+        ctx: CallContext,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        *,
         dense: DenseFn | None = None,
-        chunk: Hashable = None,
-        next_layer: int | None = None,
+        scale: float | None = None,
     ) -> torch.Tensor:
         """One attention call, q/k/v [B, H, L, D] text first -> compressed output [B, H, L, D].
 
-        `chunk` separates batches that the host evaluates separately (e.g. cond and uncond of
-        different text lengths): the first chunk of a position decides, later chunks follow it.
-        `next_layer` lets the previous output of the next call be fetched early.
+        `ctx.layer` and `ctx.txt_len` place the call; `ctx.cache_key` separates batches that the host evaluates
+        separately (e.g. cond and uncond of different text lengths): the first chunk of a position decides,
+        later chunks follow it. `ctx.position` is informational (positions come from `begin_forward`). The
+        previous output of the next layer is fetched early. `scale` must be None (the default softmax scale).
         """
         if not self.sigmas:
             raise RuntimeError("begin_forward(sigma) must be called before attend()")
+        if scale is not None:
+            raise ValueError("the calibrator measures with the default softmax scale; got an explicit scale")
+        layer, txt_len, chunk = ctx.layer, ctx.txt_len, ctx.cache_key
+        if self.txt_len is None and not self.model.layers[layer].image_only:
+            self.txt_len = txt_len
         pos = self.position
         key = (chunk, layer)
         decisions = self._decisions[pos]
         prev = self._prev.get(key, q.device) if pos > 0 else None
+        hit = True
         if layer in decisions:
             dec = decisions[layer]
             cached = None if prev is None else CachedHeads(tuple(range(dec.heads)), prev)
-            out, _ = headwise_attention(q, k, v, txt_len, dec, cached=cached, dense=dense, backend=self.backend)
+            out, hit = headwise_attention(q, k, v, txt_len, dec, cached=cached, dense=dense, backend=self.backend,
+                                          tables=self.tables)
         elif pos == 0:
-            out, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(FULL, q.shape[1]), dense=dense)
-            decisions[layer] = LayerDecision.uniform(FULL, q.shape[1])
+            dec = decisions[layer] = LayerDecision.uniform(FULL, q.shape[1])
+            out, _ = headwise_attention(q, k, v, txt_len, dec, dense=dense, tables=self.tables)
         else:
-            out, decisions[layer] = self._search(pos, layer, txt_len, q, k, v, dense, prev)
+            out, dec = self._search(pos, layer, txt_len, q, k, v, dense, prev)
+            decisions[layer] = dec
+        self.stats.record(call_cost(dec, txt_len, q.shape[2] - txt_len, hit), q.shape[0], q.shape[3])
         self._prev.put(key, out)
-        if next_layer is not None:
-            self._prev.prefetch((chunk, next_layer), q.device)
+        if layer + 1 < len(self.model.layers):
+            self._prev.prefetch((chunk, layer + 1), q.device)
         return out
 
     def _search(self, pos, layer, txt_len, q, k, v, dense, prev) -> tuple[torch.Tensor, LayerDecision]:
         heads = q.shape[1]
         n_img = q.shape[2] - txt_len
-        dense_out, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(FULL, heads), dense=dense)
+        dense_out, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(FULL, heads), dense=dense,
+                                          tables=self.tables)
         outs: list[torch.Tensor | None] = []
         rses = []
         for m in self.config.candidates:
             if m.kind is MethodKind.CACHE:
                 y = prev if prev is not None and prev.shape == dense_out.shape else None
             else:
-                y, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(m, heads), backend=self.backend)
+                y, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(m, heads), backend=self.backend,
+                                          tables=self.tables)
             outs.append(y)
             rses.append(head_rse(y, dense_out) if y is not None else torch.full((heads,), float("inf"), device=q.device))
         rse = torch.stack(rses, 1).cpu().numpy().astype(np.float64)  # one sync per layer: decisions live on the host
@@ -244,4 +266,7 @@ class ProgressiveCalibrator:
         self._decisions.clear()
         self._prev.clear()
         self.rse_log.clear()
+        self.tables.clear()
+        self.stats.reset()
+        self.txt_len = None
 

@@ -3,7 +3,7 @@ engine and the fused Triton kernel. Pure torch/Triton; never imports the host (C
 
 from __future__ import annotations
 
-from .cost import Geometry, decision_flops, head_cost, image_tokens, kept_pairs, kept_tiles
+from .cost import Geometry, decision_flops, grid_tokens, head_cost, image_tokens, kept_pairs, kept_tiles, kernel_tile
 from .engine import (
     CachedHeads,
     CallContext,
@@ -14,11 +14,13 @@ from .engine import (
     headwise_attention,
 )
 from .masks import arrow_block_mask, arrow_keep, arrow_mask_mod
-from .methods import CACHE, FULL, HeadMethod, LayerDecision, MethodKind, arrow
+from .methods import CACHE, FULL, WINDOW_FULL, WINDOW_SKIP, HeadMethod, LayerDecision, MethodKind, arrow
 
 __all__ = [
     "CACHE",
     "FULL",
+    "WINDOW_FULL",
+    "WINDOW_SKIP",
     "CachedHeads",
     "CallContext",
     "EngineStats",
@@ -34,9 +36,11 @@ __all__ = [
     "arrow_mask_mod",
     "available_backends",
     "decision_flops",
+    "grid_tokens",
     "head_cost",
     "headwise_attention",
     "image_tokens",
     "kept_pairs",
     "kept_tiles",
+    "kernel_tile",
 ]

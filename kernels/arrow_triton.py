@@ -16,7 +16,9 @@ import triton.language as tl
 
 __all__ = ["arrow_attention_triton"]
 
-# head_window codes (int32 per head)
+# head_window codes (int32 per head): the window vocabulary of kernels/methods.py (WINDOW_FULL, WINDOW_SKIP,
+# band half-width >= 0), restated here because this file is also loaded standalone (tests, bench);
+# tests/test_arrow_triton.py checks that both agree.
 _FULL = -1
 _SKIP = -2
 _LOG2E = 1.4426950408889634
@@ -442,12 +444,6 @@ def _sm_count(device: torch.device) -> int:
 _SM_COUNT: dict = {}
 
 
-def _persist_default(device: torch.device, head_dim: int, dtype: torch.dtype, B: int, H: int, L: int,
-                     BM: int) -> int:
-    """Static rule: persistent programs per SM (0 = one program per work item). See NOTES.md, session 3."""
-    return 0
-
-
 class _Plan:
     """Everything a launch needs that depends only on the cache key (shapes, strides, dtypes, devices,
     alignment, txt_len, sm_scale, layout, config): validated once, reused with new base pointers."""
@@ -487,7 +483,8 @@ def _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, us
     if sched is None:
         sched = cfg.pop("SCHED", 2) if heavy_first else 0
     cfg.pop("SCHED", None)
-    persist = cfg.pop("PERSIST", None)       # programs per SM (0: off); None: the static rule
+    # Persistent programs per SM (0: one program per work item, the default: NOTES.md, sessions 3 and 4).
+    persist = cfg.pop("PERSIST", 0)
     persist_grid = cfg.pop("PERSIST_GRID", None)  # explicit program count (tests)
     flat = layout == "blhd_flat"
     use_tma = bool(use_tma) and q.device.type == "cuda" and not _interpreting() and _tma_ok((q, k, v), layout)
@@ -501,8 +498,6 @@ def _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, us
     if persist_grid is not None:
         n_prog = int(persist_grid)
     else:
-        if persist is None:
-            persist = _persist_default(q.device, D, q.dtype, B, H, L, BM) if q.device.type == "cuda" else 0
         n_prog = int(persist) * _sm_count(q.device) if persist and q.device.type == "cuda" else 0
     n_prog = min(n_prog, n_items)
     plan.grid = (max(n_prog if n_prog > 0 else n_items, 1), 1, 1)

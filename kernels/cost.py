@@ -3,6 +3,8 @@
 The calibration search uses `head_cost` as the saving weight of each candidate, `inspect` prints
 `decision_flops`. Tile-granular cost counts the score tiles a block-sparse kernel must compute
 (the same tile rule as `masks.arrow_block_tables`): a tile pair is paid in full if any pair in it is kept.
+`kernel_tile` is the one tile rule (the Triton kernel's tile per head_dim) that the search, the summaries and
+the kernel share; `grid_tokens` / `image_tokens` the one image-token count.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from functools import lru_cache
 from .masks import arrow_block_tables
 from .methods import HeadMethod, LayerDecision, MethodKind
 
-__all__ = ["Geometry", "image_tokens", "band_pairs", "kept_pairs", "kept_tiles", "head_cost", "decision_cost", "decision_flops"]
+__all__ = ["Geometry", "image_tokens", "grid_tokens", "kernel_tile", "band_pairs", "kept_pairs", "kept_tiles", "head_cost", "decision_cost", "decision_flops"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def kept_pairs(txt_len: int, n_img_tokens: int, method: HeadMethod) -> int:
     if method.kind is MethodKind.CACHE:
         return 0
     # text rows (T x L) + image rows x text cols (N x T) + image band
-    return txt_len * seq + n_img_tokens * txt_len + band_pairs(n_img_tokens, method.half_width(n_img_tokens))
+    return txt_len * seq + n_img_tokens * txt_len + band_pairs(n_img_tokens, method.window(n_img_tokens))
 
 
 @lru_cache(maxsize=4096)
@@ -72,7 +74,7 @@ def kept_tiles(txt_len: int, n_img_tokens: int, method: HeadMethod, tile: int) -
     nb = -(-seq // tile)
     if method.kind is MethodKind.FULL:
         return nb * nb
-    any_kept, _ = arrow_block_tables(txt_len, seq, [method.half_width(n_img_tokens)], tile)
+    any_kept, _ = arrow_block_tables(txt_len, seq, [method.window(n_img_tokens)], tile)
     return int(any_kept.sum())
 
 
@@ -97,7 +99,20 @@ def decision_flops(geometry: Geometry, decision: LayerDecision, tile: int | None
     return kept * scale, dense * scale
 
 
+def grid_tokens(latent_h: int, latent_w: int, patch: int) -> int:
+    """Image tokens of a latent of latent_h × latent_w with patch × patch patches (partial patches padded, as
+    the host's `pad_to_patch_size` does)."""
+    return -(-latent_h // patch) * -(-latent_w // patch)
+
+
 def image_tokens(width: int, height: int, *, vae_scale: int = 8, patch: int = 2) -> int:
-    """Image tokens of a width×height picture for Flux/SD3 (VAE /8, 2×2 patches, partial patches padded)."""
-    lat_w, lat_h = width // vae_scale, height // vae_scale
-    return -(-lat_w // patch) * -(-lat_h // patch)
+    """Image tokens of a width×height picture: latent = pixels // vae_scale (8 for Flux/SD3, 16 for Flux 2),
+    then `grid_tokens` (patch 2 for Flux/SD3, 1 for Flux 2)."""
+    return grid_tokens(height // vae_scale, width // vae_scale, patch)
+
+
+def kernel_tile(head_dim: int) -> int:
+    """Query/key tile (tokens) that the fused kernel uses for `head_dim` on the GPUs it is tuned for (sm90:
+    64 × 64 tiles for head_dim <= 64, 128 × 128 above; kernels/arrow_triton.py `_default_config`). The cost
+    model, the calibration search and every summary count tiles with this rule."""
+    return 64 if head_dim <= 64 else 128

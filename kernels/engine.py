@@ -3,6 +3,8 @@
 Pure torch, CPU and GPU. Full heads run as one dense call on the gathered heads (or the host's own
 attention when a `dense` function is given), arrow heads as one masked call (FlexAttention with a
 per-head BlockMask, masked SDPA, or the Triton kernel), cached heads are pasted from a `HeadCache`.
+`AttentionConsumer` is the protocol the host adapter drives: the engine here and the calibrator
+(calibration/search.py) both implement it and report their own per-call statistics (`EngineStats`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from .cost import kept_pairs
 from .masks import arrow_block_mask, arrow_keep
 from .methods import FULL, LayerDecision, MethodKind
 
 __all__ = [
     "ArrowBackend",
+    "AttentionConsumer",
+    "CallCost",
     "DenseFn",
+    "KernelTables",
+    "call_cost",
     "CachedHeads",
     "HeadCache",
     "CallContext",
@@ -88,19 +95,47 @@ def available_backends() -> dict[str, str | None]:
     return reasons
 
 
-@functools.lru_cache(maxsize=256)
-def _index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(heads, dtype=torch.long, device=device)
+class KernelTables:
+    """Index tensors, arrow masks and kernel tables built for attention calls, owned by one engine (or
+    calibrator) and freed with it: nothing device-side outlives a sampling run. The SDPA path's dense band
+    masks are L² booleans (~285 MB each at 2048²), so they must never pile up in a process-wide cache."""
 
+    def __init__(self) -> None:
+        self._store: dict[Hashable, torch.Tensor | object] = {}
 
-@functools.lru_cache(maxsize=64)
-def _band_mask(txt_len: int, seq_len: int, half_width: int, device: torch.device) -> torch.Tensor:
-    return arrow_keep(txt_len, seq_len, half_width, device)
+    def index(self, heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = ("index", heads, device)
+        t = self._store.get(key)
+        if t is None:
+            t = self._store[key] = torch.tensor(heads, dtype=torch.long, device=device)
+        return t  # type: ignore[return-value]
 
+    def band_mask(self, txt_len: int, seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+        key = ("band", txt_len, seq_len, window, device)
+        t = self._store.get(key)
+        if t is None:
+            t = self._store[key] = arrow_keep(txt_len, seq_len, window, device)
+        return t  # type: ignore[return-value]
 
-@functools.lru_cache(maxsize=64)
-def _flex_block_mask(txt_len: int, seq_len: int, widths: tuple[int | None, ...], device: torch.device):
-    return arrow_block_mask(txt_len, seq_len, widths, device=device)
+    def block_mask(self, txt_len: int, seq_len: int, windows: tuple[int, ...], device: torch.device):
+        key = ("flex", txt_len, seq_len, windows, device)
+        t = self._store.get(key)
+        if t is None:
+            t = self._store[key] = arrow_block_mask(txt_len, seq_len, windows, device=device)
+        return t
+
+    def window_table(self, windows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = ("windows", windows, device)
+        t = self._store.get(key)
+        if t is None:
+            t = self._store[key] = torch.tensor(windows, dtype=torch.int32, device=device)
+        return t  # type: ignore[return-value]
+
+    def clear(self) -> None:
+        self._store.clear()
+
+    def __len__(self) -> int:
+        return len(self._store)
 
 
 @functools.lru_cache(maxsize=2)
@@ -147,6 +182,7 @@ def headwise_attention(
     dense: DenseFn | None = None,
     backend: ArrowBackend = "auto",
     scale: float | None = None,
+    tables: KernelTables | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """Attention of one layer with per-head methods.
 
@@ -161,6 +197,8 @@ def headwise_attention(
     backend : how arrow heads run: "sdpa" (masked SDPA, exact, O(L²) mask memory), "flex"
         (FlexAttention, per-head BlockMask), "triton" (fused kernel), "auto" (triton > flex on CUDA,
         sdpa elsewhere).
+    tables : where index tensors and masks are kept between calls (an engine's per-run tables); None builds
+        them for this call only.
 
     Returns
     -------
@@ -174,7 +212,9 @@ def headwise_attention(
         raise ValueError(f"decision has {decision.heads} heads but q has {heads}")
     if not 0 <= txt_len <= seq:
         raise ValueError(f"txt_len must be in [0, {seq}], got {txt_len}")
-    dense_fn: DenseFn = dense if dense is not None else (lambda q_, k_, v_: _sdpa(q_, k_, v_, scale))
+    dense_fn: DenseFn = dense if dense is not None else functools.partial(_sdpa, scale=scale)
+    if tables is None:
+        tables = KernelTables()
 
     hit = True
     if decision.cache_heads and not _cache_usable(cached, decision.cache_heads, q):
@@ -189,40 +229,29 @@ def headwise_attention(
     if chosen == "sdpa":
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         for factor, group in decision.arrow_groups:
-            idx = _index(group, device)
-            mask = _band_mask(txt_len, seq, decision.methods[group[0]].half_width(n_img), device)
+            idx = tables.index(group, device)
+            mask = tables.band_mask(txt_len, seq, decision.methods[group[0]].window(n_img), device)
             out[:, idx] = _sdpa(q[:, idx], k[:, idx], v[:, idx], scale, mask)
     elif chosen == "flex":
-        widths = tuple(
-            m.half_width(n_img) if m.kind is MethodKind.ARROW else -1 for m in decision.methods
-        )
-        block_mask = _flex_block_mask(txt_len, seq, widths, device)
+        block_mask = tables.block_mask(txt_len, seq, decision.windows(n_img), device)
         out = _flex_fn(device.type == "cuda")(q, k, v, block_mask=block_mask, scale=scale)
     elif chosen == "triton":
         from .arrow_triton import arrow_attention_triton
 
         # One launch for full and arrow heads; cached heads are skipped by the kernel and pasted below.
-        out = arrow_attention_triton(q, k, v, _triton_table(decision, n_img, device), txt_len, sm_scale=scale)
+        out = arrow_attention_triton(q, k, v, tables.window_table(decision.windows(n_img), device), txt_len, sm_scale=scale)
     else:
         raise ValueError(f"unknown arrow backend {backend!r}")
 
     if decision.full_heads and chosen != "triton":
-        idx = _index(decision.full_heads, device)
+        idx = tables.index(decision.full_heads, device)
         out[:, idx] = dense_fn(q[:, idx], k[:, idx], v[:, idx])
     if decision.cache_heads:
         assert cached is not None  # guaranteed by _cache_usable
-        idx = _index(decision.cache_heads, device)
-        src = _index(tuple(cached.heads.index(h) for h in decision.cache_heads), device)
+        idx = tables.index(decision.cache_heads, device)
+        src = tables.index(tuple(cached.heads.index(h) for h in decision.cache_heads), device)
         out[:, idx] = cached.values[:, src]
     return out, hit
-
-
-@functools.lru_cache(maxsize=1024)
-def _triton_table(decision: LayerDecision, n_img: int, device: torch.device) -> torch.Tensor:
-    # Kernel table, built once per (decision, geometry, device): -1 full, -2 skip (cached), w >= 0 arrow.
-    codes = {MethodKind.FULL: -1, MethodKind.CACHE: -2}
-    table = [m.half_width(n_img) if m.kind is MethodKind.ARROW else codes[m.kind] for m in decision.methods]
-    return torch.tensor(table, dtype=torch.int32, device=device)
 
 
 class PlanLike(Protocol):
@@ -243,16 +272,87 @@ class CallContext:
 
 @dataclass
 class EngineStats:
-    """Counters of one run (plain ints: no device syncs)."""
+    """What a consumer did during one run, reported by the consumer itself (plain ints: no device syncs).
+
+    heads: head-calls per method actually used (a cache miss counts as full); cache_hits / cache_misses: cached
+    heads served from / recomputed without the cache; kept_flops / dense_flops: attention FLOPs computed and
+    what dense attention would have cost (4 · pairs · head_dim · batch)."""
 
     calls: int = 0
     heads: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in MethodKind})
     cache_hits: int = 0
     cache_misses: int = 0
+    kept_flops: int = 0
+    dense_flops: int = 0
 
     def reset(self) -> None:
-        self.calls = self.cache_hits = self.cache_misses = 0
+        self.calls = self.cache_hits = self.cache_misses = self.kept_flops = self.dense_flops = 0
         self.heads = {k.value: 0 for k in MethodKind}
+
+    def record(self, cost: CallCost, batch: int, head_dim: int) -> None:
+        """Add one call of known cost (see `call_cost`)."""
+        self.calls += 1
+        heads = self.heads
+        heads["full"] += cost.full
+        heads["arrow"] += cost.arrow
+        heads["cache"] += cost.cached
+        self.cache_hits += cost.cached
+        self.cache_misses += cost.missed
+        scale = 4 * batch * head_dim
+        self.kept_flops += cost.kept_pairs * scale
+        self.dense_flops += cost.dense_pairs * scale
+
+
+@dataclass(frozen=True)
+class CallCost:
+    """Per call of one layer decision at one geometry: heads per method used and score pairs per batch element."""
+
+    full: int
+    arrow: int
+    cached: int
+    missed: int
+    kept_pairs: int
+    dense_pairs: int
+
+
+@functools.lru_cache(maxsize=512)
+def call_cost(decision: LayerDecision, txt_len: int, n_img: int, hit: bool) -> CallCost:
+    """The cost of running `decision` at (txt_len, n_img); without a cache `hit` the cached heads run full."""
+    n_cache = len(decision.cache_heads)
+    kept = 0
+    for m in decision.methods:
+        kept += kept_pairs(txt_len, n_img, FULL if (m.kind is MethodKind.CACHE and not hit) else m)
+    return CallCost(
+        full=len(decision.full_heads) + (0 if hit else n_cache),
+        arrow=len(decision.arrow_heads),
+        cached=n_cache if hit else 0,
+        missed=0 if hit else n_cache,
+        kept_pairs=kept,
+        dense_pairs=(txt_len + n_img) ** 2 * decision.heads,
+    )
+
+
+class AttentionConsumer(Protocol):
+    """What the host adapter hands routed attention calls to: the engine (sampling with a plan) and the
+    calibrator (searching one). `attend` takes q, k, v [B, H, L, D] text first and returns [B, H, L, D];
+    `stats` reports what the calls did."""
+
+    stats: EngineStats
+
+    def attend(self, ctx: CallContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               dense: DenseFn | None = None, scale: float | None = None) -> torch.Tensor: ...
+
+
+class _Entry:
+    """Per (position, layer, text length, sequence length, device), built once per run."""
+
+    __slots__ = ("decision", "keep", "keep_index", "bypass", "hit_cost", "miss_cost")
+    decision: LayerDecision
+    keep: tuple[int, ...]
+    keep_index: torch.Tensor | None
+    bypass: bool
+    hit_cost: CallCost
+    miss_cost: CallCost
 
 
 class HeadwiseEngine:
@@ -260,6 +360,8 @@ class HeadwiseEngine:
 
     The cache entry of a layer holds the heads that this position or the next one reuses
     (`plan.keep_heads`), so a repeated evaluation at one position (heun) and the next step both hit.
+    Everything an attention call needs besides its tensors (decision, heads to keep, their index tensor, cost)
+    is looked up once per (position, layer, geometry) and kept until `reset()`, as are the kernel tables.
     """
 
     def __init__(self, plan: PlanLike, *, backend: ArrowBackend = "auto", cache: HeadCache | None = None) -> None:
@@ -267,10 +369,43 @@ class HeadwiseEngine:
         self.backend: ArrowBackend = backend
         self.cache = cache if cache is not None else HeadCache()
         self.stats = EngineStats()
+        self.tables = KernelTables()
+        self._entries: dict[tuple, _Entry] = {}
+
+    def release(self) -> None:
+        """Free what the engine holds on the device (head cache, per-run tables); the counters stay."""
+        self.cache.clear()
+        self.tables.clear()
+        self._entries.clear()
 
     def reset(self) -> None:
-        self.cache.clear()
+        """End of a run: `release` and zero the counters."""
+        self.release()
         self.stats.reset()
+
+    def _entry(self, ctx: CallContext, seq: int, device: torch.device) -> _Entry:
+        key = (ctx.position, ctx.layer, ctx.txt_len, seq, device)
+        e = self._entries.get(key)
+        if e is None:
+            e = _Entry()
+            dec = e.decision = self.plan.decision(ctx.position, ctx.layer)
+            e.keep = self.plan.keep_heads(ctx.position, ctx.layer)
+            e.keep_index = self.tables.index(e.keep, device) if e.keep else None
+            e.bypass = dec.all_full and not e.keep
+            n_img = seq - ctx.txt_len
+            e.hit_cost = call_cost(dec, ctx.txt_len, n_img, True)
+            e.miss_cost = call_cost(dec, ctx.txt_len, n_img, False)
+            self._entries[key] = e
+        return e
+
+    def bypass(self, ctx: CallContext, batch: int, seq: int, head_dim: int, device: torch.device) -> bool:
+        """True when the call at `ctx` is plain dense attention that keeps nothing: the caller then runs its own
+        dense attention on its own tensors (no reshapes, no engine work); the call is counted here."""
+        e = self._entry(ctx, seq, device)
+        if e.bypass:
+            self.stats.record(e.hit_cost, batch, head_dim)
+            self.cache.discard((ctx.cache_key, ctx.layer))  # as `attend` does when nothing is kept
+        return e.bypass
 
     def attend(
         self,
@@ -282,25 +417,17 @@ class HeadwiseEngine:
         scale: float | None = None,
     ) -> torch.Tensor:
         """q, k, v [B, H, L, D] text first -> [B, H, L, D]."""
-        decision = self.plan.decision(ctx.position, ctx.layer)
+        e = self._entry(ctx, q.shape[2], q.device)
+        decision = e.decision
         key = (ctx.cache_key, ctx.layer)
         cached = self.cache.get(key) if decision.cache_heads else None
         out, hit = headwise_attention(
-            q, k, v, ctx.txt_len, decision, cached=cached, dense=dense, backend=self.backend, scale=scale
+            q, k, v, ctx.txt_len, decision, cached=cached, dense=dense, backend=self.backend, scale=scale,
+            tables=self.tables,
         )
-        stats = self.stats
-        stats.calls += 1
-        n_cache = len(decision.cache_heads)
-        if hit:
-            stats.cache_hits += n_cache
-        else:  # the cached heads were computed in full
-            stats.cache_misses += n_cache
-        stats.heads[MethodKind.FULL.value] += len(decision.full_heads) + (0 if hit else n_cache)
-        stats.heads[MethodKind.ARROW.value] += len(decision.arrow_heads)
-        stats.heads[MethodKind.CACHE.value] += n_cache if hit else 0
-        keep = self.plan.keep_heads(ctx.position, ctx.layer)
-        if keep:
-            self.cache.put(key, CachedHeads(keep, out[:, _index(keep, out.device)]))
+        self.stats.record(e.hit_cost if hit else e.miss_cost, q.shape[0], q.shape[3])
+        if e.keep_index is not None:
+            self.cache.put(key, CachedHeads(e.keep, out[:, e.keep_index]))
         else:  # nothing of this forward is kept: an older entry must not be reused later (after a jump)
             self.cache.discard(key)
         return out

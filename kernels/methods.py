@@ -1,12 +1,15 @@
-"""The per-head method vocabulary of DiTFastAttnV2: full, arrow/f, cache.
+"""The per-head vocabulary of DiTFastAttnV2: a head's method (full, arrow/f, cache) and its window.
 
 A head's method is a small frozen value (`HeadMethod`); a layer's decision at one schedule position is a
-`LayerDecision` (one method per head) that precomputes the head groups the engine and kernels need.
+`LayerDecision` (one method per head) that precomputes the head groups the engine and kernels need. At a
+given image size a method becomes a *window*, the one integer encoding that the masks, the cost model, the
+engine and the Triton kernel's per-head table all use: `WINDOW_FULL`, `WINDOW_SKIP` or a band half-width.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -16,12 +19,18 @@ __all__ = [
     "FULL",
     "CACHE",
     "arrow",
-    "DEFAULT_ARROW_FACTORS",
     "MAX_ARROW_FACTOR",
+    "WINDOW_FULL",
+    "WINDOW_SKIP",
 ]
 
-#: Arrow factors of the paper's default candidate set.
-DEFAULT_ARROW_FACTORS: tuple[int, ...] = (8, 16, 32)
+#: Window of a full head: every (q, k) pair is computed.
+WINDOW_FULL = -1
+#: Window of a head that is not computed here (a cached head: its output is pasted from the head cache).
+WINDOW_SKIP = -2
+_ASCII_FACTOR = re.compile(r"[1-9][0-9]{0,8}")
+
+# Any window w >= 0 is an arrow band: keep (q, k) iff q < T or k < T or |q - k| <= w (image tokens).
 #: Largest factor a plan may name (half-width N // (2f) is 0 for any real image beyond this).
 MAX_ARROW_FACTOR = 4096
 
@@ -58,11 +67,12 @@ class HeadMethod:
         """Canonical name as written in plan files: ``full``, ``cache``, ``arrow/8``."""
         return f"arrow/{self.factor}" if self.kind is MethodKind.ARROW else self.kind.value
 
-    def half_width(self, n_img_tokens: int) -> int:
-        """Band half-width in image tokens for an arrow head (``N // (2 f)``)."""
-        if self.kind is not MethodKind.ARROW:
-            raise ValueError(f"{self.name} has no band")
-        return n_img_tokens // (2 * self.factor)
+    def window(self, n_img_tokens: int) -> int:
+        """This head's window at N image tokens: `WINDOW_FULL`, `WINDOW_SKIP` (cache) or the arrow band
+        half-width ``N // (2 f)`` (>= 0)."""
+        if self.kind is MethodKind.ARROW:
+            return n_img_tokens // (2 * self.factor)
+        return WINDOW_FULL if self.kind is MethodKind.FULL else WINDOW_SKIP
 
     @classmethod
     def parse(cls, name: str) -> HeadMethod:
@@ -74,7 +84,8 @@ class HeadMethod:
         if name == "cache":
             return CACHE
         kind, sep, factor = name.partition("/")
-        if kind == "arrow" and sep and factor.isdigit() and not factor.startswith("0"):
+        # ASCII digits only: str.isdigit() and int() also accept other scripts' digits (arrow/١).
+        if kind == "arrow" and sep and _ASCII_FACTOR.fullmatch(factor):
             return cls(MethodKind.ARROW, int(factor))
         raise ValueError(f"unknown method {name!r}; expected 'full', 'cache' or 'arrow/<factor>'")
 
@@ -131,14 +142,6 @@ class LayerDecision:
     def all_full(self) -> bool:
         return len(self.full_heads) == len(self.methods)
 
-    def half_widths(self, n_img_tokens: int) -> tuple[int | None, ...]:
-        """Per head: None for full, -1 for cache, the band half-width for arrow."""
-        out: list[int | None] = []
-        for m in self.methods:
-            if m.kind is MethodKind.FULL:
-                out.append(None)
-            elif m.kind is MethodKind.CACHE:
-                out.append(-1)
-            else:
-                out.append(m.half_width(n_img_tokens))
-        return tuple(out)
+    def windows(self, n_img_tokens: int) -> tuple[int, ...]:
+        """Per head, its window at N image tokens (see `HeadMethod.window`)."""
+        return tuple(m.window(n_img_tokens) for m in self.methods)

@@ -1,5 +1,6 @@
-"""ComfyUI side of the pack: V3 nodes (DFAApply, DFALoadPlan, DFACalibrate), the host adapter (`adapter.apply_dfa`)
-and the `demo` command.
+"""ComfyUI side of the pack: V3 nodes (v3.py), Apply and Calibrate glue (adapter.py, calibrate.py), plan files
+(plans.py), host probing (host.py), per-family layouts (layouts.py), the host-free attention router (router.py),
+the wrapper/callback installation (hooks.py) and the `demo` command.
 
 The only package that imports ComfyUI. Importing it without ComfyUI (or with a host older than the V3 node
 API) never fails: `DFAExtension` is then a stand-in that raises ImportError with the reason (`IMPORT_ERROR`).

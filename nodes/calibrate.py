@@ -1,8 +1,9 @@
 """DFACalibrate's host side: one ordinary sampling pass through the host's sampler in which every attention
 call goes to the core's `ProgressiveCalibrator` (method.md §4.5), then a validated plan.
 
-Hooks are the same as DFAApply's (adapter.py): a chained override plus keyed OUTER_SAMPLE / APPLY_MODEL
-wrappers on a clone, so the input model is never changed and nothing stays patched after an error.
+Hooks are the same as DFAApply's (hooks.py): a chained override plus keyed OUTER_SAMPLE / APPLY_MODEL
+wrappers on a clone, so the input model is never changed and nothing stays patched after an error. The router
+hands every routed call to the calibrator through the same consumer protocol the engine implements.
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ from typing import Any
 
 import torch
 
-from ..calibration.cli import flops_kept, summarize
+from ..calibration.cli import flops_kept, summarize, tile_label
 from ..calibration.plan import CalibrationRecord, Plan, save_plan
 from ..calibration.prompts import parse_prompts
 from ..calibration.search import DEFAULT_CANDIDATES, DEFAULT_DELTA, ProgressiveCalibrator, SearchConfig
 from ..kernels.engine import ArrowBackend
 from ..kernels.methods import CACHE, HeadMethod, arrow
-from .adapter import CalibrationPatch, _model_info, host_support, install_patch
+from .hooks import HostPatch, install_patch
+from .host import host_support, host_version
+from .layouts import Layout, model_layout, weights_fingerprint
 from .plans import plan_write_path
+from .router import Run, RunSummary
 
 __all__ = [
-    "CalibrationResult", "calibrate_dfa", "encode_prompts", "host_version", "CANDIDATE_SETS", "DEFAULT_CANDIDATE_SET",
+    "CalibrationPatch", "CalibrationResult", "calibrate_dfa", "encode_prompts", "host_version", "CANDIDATE_SETS", "DEFAULT_CANDIDATE_SET",
     "NodeResult", "calibrate_plan_node",
 ]
 
@@ -42,13 +46,40 @@ class CalibrationResult:
     wall_time_s: float
 
 
-def host_version() -> str:
-    try:
-        from comfyui_version import __version__
+class CalibrationPatch(HostPatch):
+    """A calibration pass (DFACalibrate): every routed attention call goes to `calibrator.attend(...)`.
 
-        return str(__version__)
-    except ImportError:
-        return "unknown"
+    After the run: `fallbacks` (reason -> calls that the calibrator did not see) and `error` (the first exception
+    raised by the calibrator; those calls ran dense).
+    """
+
+    def __init__(self, *, layout: Layout, calibrator: ProgressiveCalibrator, backend: ArrowBackend = "auto",
+                 prev: Callable[..., Any] | None = None) -> None:
+        super().__init__(layout=layout, backend=backend, prev=prev)
+        self.calibrator = calibrator
+        self.fallbacks: dict[str, int] = {}
+        self.error: BaseException | None = None
+
+    def new_run(self, prev: Callable[..., Any] | None, model_sampling: Any) -> Run:
+        cal = self.calibrator
+
+        def position(sigma: float) -> int | None:  # the whole schedule; no percent range
+            if self.error is not None:
+                return None
+            cal.begin_forward(sigma)
+            return cal.position
+
+        return Run(self.layout, prev, consumer_for=lambda device: cal, position=position, on_error=self._on_error)
+
+    def _on_error(self, exc: Exception) -> None:
+        if self.error is None:
+            self.error = exc
+            log.error("DiTFastAttnV2 calibration: %s: %s", type(exc).__name__, exc)
+
+    def end_run(self, run: Run) -> RunSummary:
+        summary = super().end_run(run)
+        self.fallbacks = dict(summary.fallbacks)
+        return summary
 
 
 def encode_prompts(clip: Any, prompts: Sequence[str], *, guidance: float | None) -> list:
@@ -109,18 +140,18 @@ def calibrate_dfa(
     """
     import comfy.sample
 
-    support = host_support()
-    info = _model_info(model)
-    err = support.flux_error() if info.signature.family == "flux" else support.sd3_error()
+    layout = model_layout(model)
+    err = host_support().error_for(layout.family)
     if err:
         raise RuntimeError(err)
     if width < 16 or height < 16 or steps < 2:
         raise ValueError(f"calibration needs width, height >= 16 and steps >= 2, got {width}x{height}, {steps} steps")
     batch = _batch_of(positive)
-    calibrator = ProgressiveCalibrator(info.signature, config, backend=backend)
-    patch = CalibrationPatch(info=info, calibrator=calibrator, backend=backend)
+    calibrator = ProgressiveCalibrator(layout.signature, config, backend=backend)
+    patch = CalibrationPatch(layout=layout, calibrator=calibrator, backend=backend)
     m = install_patch(model, patch)
-    latent = torch.zeros([batch, 4, height // 8, width // 8])
+    # The latent grid follows the model's latent format (8x for Flux/SD3, 16x for Flux 2).
+    latent = torch.zeros([batch, 4, height // layout.latent_scale, width // layout.latent_scale])
     latent = comfy.sample.fix_empty_latent_channels(m, latent)
     noise = comfy.sample.prepare_noise(latent, seed, None)
 
@@ -151,7 +182,7 @@ def calibrate_dfa(
     if patch.fallbacks:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(patch.fallbacks.items()))
         raise ValueError(f"calibration could not see the attention layers of this model ({reasons}); no plan was made")
-    n_img = -(-(height // 8) // info.patch_size) * -(-(width // 8) // info.patch_size)
+    n_img = layout.image_tokens(width, height)
     record = CalibrationRecord(
         delta=float(config.delta),
         candidates=("full",) + tuple(c.name for c in config.candidates),
@@ -163,12 +194,13 @@ def calibrate_dfa(
         guidance=None if guidance is None or not math.isfinite(guidance) else float(guidance),
         width=int(width),
         height=int(height),
-        txt_len=int(patch.txt_len if patch.txt_len is not None else 0),
+        txt_len=int(calibrator.txt_len if calibrator.txt_len is not None else 0),
         seed=int(seed),
         host_version=host_version(),
         pack_version=pack_version,
         date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         wall_time_s=round(wall, 3),
+        weights=weights_fingerprint(model),
     )
     log.info("DiTFastAttnV2 calibration: %d positions, %d image tokens, %.1f s", len(calibrator.sigmas), n_img, wall)
     plan = calibrator.plan(record, description)
@@ -287,8 +319,8 @@ def calibrate_plan_node(
         raise ValueError(f"unknown candidate set {candidates!r}; choose one of {', '.join(CANDIDATE_SETS)}")
     config = SearchConfig(delta=float(delta), candidates=CANDIDATE_SETS[candidates])
     path = plan_write_path(plan_name, overwrite=overwrite)  # fail before calibrating
-    info = _model_info(model)  # ValueError for models other than Flux / SD3
-    flux_guidance = float(guidance) if info.signature.family == "flux" else None
+    layout = model_layout(model)  # ValueError for models other than Flux / SD3
+    flux_guidance = float(guidance) if layout.family in ("flux", "flux2") else None
 
     if positive is not None:
         pos = _with_guidance(positive, flux_guidance)
@@ -352,7 +384,7 @@ def calibrate_plan_node(
         f"plan: {saved}",
         summarize(result.plan),
         f"calibration: {result.wall_time_s:.1f} s for {steps} steps x {n_prompts} prompt(s); estimated attention "
-        f"speed-up {1 / max(tiled, 1e-9):.2f}x (attention FLOPs kept at 128-token tiles {100 * tiled:.1f}%)",
+        f"speed-up {1 / max(tiled, 1e-9):.2f}x (attention FLOPs kept at {tile_label(result.plan)} {100 * tiled:.1f}%)",
     ])
     log.info("DiTFastAttnV2 calibration wrote %s", saved)
     return NodeResult(result.plan, summary, saved, result.samples, result.wall_time_s)

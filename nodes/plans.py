@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from ..calibration.plan import Plan, PlanError, load_plan
+from ..calibration.plan import Plan, PlanError, load_plan, read_plan_bytes
 
 __all__ = [
     "FOLDER", "NO_PLAN", "register_plan_folder", "plan_options", "resolve_plan_path", "load_plan_file",
@@ -76,11 +76,9 @@ def plan_fingerprint(name: str) -> str:
     """Content hash of a plan file (so editing the file re-runs the node); the name if it cannot be read."""
     if name == NO_PLAN:
         return NO_PLAN
-    try:
-        path = resolve_plan_path(name)
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except (OSError, ValueError):
+    try:  # read_plan_bytes: a named pipe called x.json must not block the prompt queue
+        return hashlib.sha256(read_plan_bytes(resolve_plan_path(name))).hexdigest()
+    except (OSError, ValueError):  # PlanError is a ValueError
         return f"missing:{name}"
 
 

@@ -106,7 +106,7 @@ class _Probe:
 
 
 def structure(mp: Any, name: str, sc: Sequence[scenes.Scene], res: int, steps: int) -> dict:
-    from ..nodes.adapter import model_signature
+    from ..nodes.layouts import model_signature
 
     sig = model_signature(mp)
     n_img = (res // 16) ** 2

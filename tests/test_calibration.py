@@ -108,7 +108,7 @@ def run_calibration(delta):
         carry = None
         for layer in range(2):
             q, k, v = synthetic_inputs(step, layer, carry)
-            carry = cal.attend(layer, T, q, k, v)
+            carry = cal.attend(CallContext(layer, cal.position, T), q, k, v)
             outs.append(carry.clone())
     return cal.plan(), outs
 

@@ -19,7 +19,7 @@ def test_kept_pairs_equals_brute_force(t, n, method):
     if method == CACHE:
         expected = 0
     else:
-        w = None if method == FULL else method.half_width(n)
+        w = method.window(n)
         expected = int(arrow_keep(t, seq, w).sum())
     assert kept_pairs(t, n, method) == expected
 
@@ -32,7 +32,7 @@ def test_kept_tiles_equals_brute_force(t, n, tile, method):
     if method == CACHE:
         assert kept_tiles(t, n, method, tile) == 0
         return
-    w = None if method == FULL else method.half_width(n)
+    w = method.window(n)
     keep = arrow_keep(t, seq, w)
     nb = -(-seq // tile)
     padded = torch.zeros(nb * tile, nb * tile, dtype=torch.bool)

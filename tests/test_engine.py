@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from dfav2.kernels import (
     CACHE,
     FULL,
+    WINDOW_FULL,
+    WINDOW_SKIP,
     CachedHeads,
     CallContext,
     HeadwiseEngine,
@@ -131,9 +133,9 @@ def test_fast_block_mask_equals_create_block_mask(t, n, block):
     from torch.nn.attention.flex_attention import create_block_mask
 
     seq = t + n
-    widths = [None, -1, 0, n // 16, n // 64, 3 * block]
+    widths = [WINDOW_FULL, WINDOW_SKIP, 0, n // 16, n // 64, 3 * block]
     fast = arrow_block_mask(t, seq, widths, block_size=block)
-    hw = torch.tensor([1 << 30 if w is None else w for w in widths])
+    hw = torch.tensor([1 << 30 if w == WINDOW_FULL else w for w in widths])
 
     def mod(b, h, qi, ki):
         keep = (qi < t) | (ki < t) | ((qi - ki).abs() <= hw[h])
@@ -143,7 +145,7 @@ def test_fast_block_mask_equals_create_block_mask(t, n, block):
     assert torch.equal(fast.to_dense(), slow.to_dense())
     # Token level: the fast mask's mask_mod on its blocks equals the definition.
     for h, w in enumerate(widths):
-        if w is None or w >= 0:
+        if w != WINDOW_SKIP:
             ref = arrow_keep(t, seq, w)
             got = torch.zeros(seq, seq, dtype=torch.bool)
             qi, ki = torch.meshgrid(torch.arange(seq), torch.arange(seq), indexing="ij")

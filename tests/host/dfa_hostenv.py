@@ -22,10 +22,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def _load_compat():
-    # nodes/_host_compat.py by file path: importing the `nodes` package would import ComfyUI before it is set up.
+    # host_compat.py by file path: importing the `nodes` package would import ComfyUI before it is set up.
     name = "dfav2_host_compat"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "nodes" / "_host_compat.py")
+        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "host_compat.py")
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
@@ -100,12 +100,7 @@ def import_host(base_directory: Path | None = None) -> str | None:
 
 
 def host_version() -> str:
-    try:
-        from comfyui_version import __version__
-
-        return str(__version__)
-    except ImportError:
-        return "unknown"
+    return compat.host_version()
 
 
 # ------------------------------------------------------------------------------------- tiny models

@@ -1,6 +1,6 @@
 """Start a real ComfyUI server for the host tests: `python launch_host.py <ComfyUI dir> <main.py args...>`.
 
-Installs the torchvision CPU shim (nodes/_host_compat.py) right before the first `import torchvision` (see dfa_hostenv), then runs
+Installs the torchvision CPU shim (host_compat.py) right before the first `import torchvision` (see dfa_hostenv), then runs
 ComfyUI's main.py with runpy. Test-only.
 """
 
@@ -11,7 +11,7 @@ import runpy
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACK_COMPAT = os.path.join(HERE, "..", "..", "nodes", "_host_compat.py")  # the one copy of the torchvision shim
+PACK_COMPAT = os.path.join(HERE, "..", "..", "host_compat.py")  # the one copy of the torchvision shim
 
 
 class _ShimOnTorchvision(importlib.abc.MetaPathFinder):

@@ -13,40 +13,44 @@ pytestmark = [pytest.mark.host, pytest.mark.usefixtures("host")]
 import torch  # noqa: E402
 
 from dfav2.nodes import adapter as A  # noqa: E402
+from dfav2.nodes import host as HS  # noqa: E402
+from dfav2.nodes import hooks as K  # noqa: E402
+from dfav2.nodes import layouts as Ly  # noqa: E402
+from dfav2.nodes import router as R  # noqa: E402
 
 FAMILIES = ("flux", "sd3", "sd35m")
 SAMPLERS = ("euler", "heun", "dpmpp_2m", "dpmpp_sde")
 
 
 def _flux_ok() -> bool:
-    return A.host_support().flux_error() is None
+    return HS.host_support().flux_error() is None
 
 
 def _need(family):
     if family == "flux" and not _flux_ok():
-        pytest.skip(f"ComfyUI {H.host_version()} has no Flux block identity (needs >= {A.MIN_HOST_FLUX}); see test_version_gate")
+        pytest.skip(f"ComfyUI {H.host_version()} has no Flux block identity (needs >= {HS.MIN_HOST_FLUX}); see test_version_gate")
 
 
-def _summary(model) -> A.RunSummary:
+def _summary(model) -> R.RunSummary:
     s = model.model_options["transformer_options"][A.TO_PATCH].last_summary
     assert s is not None, "no sampling run was recorded"
     return s
 
 
 def _plans(model):
-    sig = A.model_signature(model)
+    sig = Ly.model_signature(model)
     sigmas = H.schedule_sigmas(model)
     return H.all_full_plan(sig, sigmas), H.arrow_cache_plan(sig, sigmas)
 
 
 def test_signatures(models):
-    names = {f: [l.name for l in A.model_signature(models[f]).layers] for f in FAMILIES}
+    names = {f: [l.name for l in Ly.model_signature(models[f]).layers] for f in FAMILIES}
     assert names["flux"] == ["double.0", "double.1", "single.0", "single.1", "single.2", "single.3"]
     assert names["sd3"] == ["joint.0", "joint.1"]
     assert names["sd35m"] == ["joint.0", "joint.0.attn2", "joint.1"]
-    sig = A.model_signature(models["sd35m"])
+    sig = Ly.model_signature(models["sd35m"])
     assert [l.image_only for l in sig.layers] == [False, True, False]
-    assert {(l.heads, l.head_dim) for l in A.model_signature(models["flux"]).layers} == {(2, 128)}
+    assert {(l.heads, l.head_dim) for l in Ly.model_signature(models["flux"]).layers} == {(2, 128)}
     assert {(l.heads, l.head_dim) for l in sig.layers} == {(2, 64)}
 
 
@@ -88,7 +92,7 @@ def test_disabled_is_the_input_model(models):
 
     out = DFAApply.execute(model=model, plan="none", enabled=False, start_percent=0.0, end_percent=1.0, dfa_plan=ac_plan)
     assert out.args[0] is model
-    assert A.SLOT not in model.model_options.get("transformer_options", {})
+    assert K.SLOT not in model.model_options.get("transformer_options", {})
 
 
 @pytest.mark.parametrize("family", ["flux", "sd35m"])
@@ -153,7 +157,7 @@ def test_reference_latents_fall_back_exactly_with_one_warning(models, caplog):
     refs = {"reference_latents": [torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(3))]}
     ref = H.ksample(model, "flux", pos_extra=refs, neg_extra=refs)
     ac = A.apply_dfa(model, plan=ac_plan)
-    with caplog.at_level(logging.WARNING, logger="dfav2.nodes.adapter"):
+    with caplog.at_level(logging.WARNING, logger="dfav2.nodes"):
         out = H.ksample(ac, "flux", pos_extra=refs, neg_extra=refs)
     assert torch.equal(out, ref)
     warnings = [r for r in caplog.records if r.name.startswith("dfav2") and r.levelno == logging.WARNING]
@@ -163,7 +167,7 @@ def test_reference_latents_fall_back_exactly_with_one_warning(models, caplog):
 
 
 def _call_override(to, func, *args, **kwargs):
-    return to[A.SLOT](func, *args, transformer_options=to, _inside_attn_wrapper=True, **kwargs)
+    return to[K.SLOT](func, *args, transformer_options=to, _inside_attn_wrapper=True, **kwargs)
 
 
 def test_override_fallbacks_are_exact_and_warned_once(models, caplog):
@@ -179,7 +183,7 @@ def test_override_fallbacks_are_exact_and_warned_once(models, caplog):
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(1, 16, 32, 32)
     ctx = torch.zeros(1, 32, 64)
-    to = A.forward_options(base, x, torch.tensor([0.5]), ctx)
+    to = K.forward_options(base, x, torch.tensor([0.5]), ctx)
     to = {**to, "block_type": "double", "block_index": 0}
 
     def qkv(heads=2, seq=288, dim=128, kv_seq=None):
@@ -194,7 +198,7 @@ def test_override_fallbacks_are_exact_and_warned_once(models, caplog):
         "layout": (qkv(seq=300), {}, to),
         "unknown layer": (qkv(), {}, {**to, "block_index": 7}),
     }
-    with caplog.at_level(logging.WARNING, logger="dfav2.nodes.adapter"):
+    with caplog.at_level(logging.WARNING, logger="dfav2.nodes"):
         for _ in range(2):
             for name, ((q, k, v), extra, opts) in cases.items():
                 heads = q.shape[1]
@@ -227,7 +231,7 @@ def test_chaining_previous_and_later_overrides(models):
 
     before = Counting()
     m = model.clone()
-    m.model_options.setdefault("transformer_options", {})[A.SLOT] = before
+    m.model_options.setdefault("transformer_options", {})[K.SLOT] = before
     patched = A.apply_dfa(m, plan=full_plan)
     assert torch.equal(H.ksample(patched, "flux"), ref)
     assert before.calls == _summary(patched).attention_calls == 24
@@ -238,7 +242,7 @@ def test_chaining_previous_and_later_overrides(models):
 
     after = Counting()  # a non-chaining node placed after DFAApply takes the slot
     later = A.apply_dfa(model, plan=full_plan).clone()
-    later.model_options["transformer_options"][A.SLOT] = after
+    later.model_options["transformer_options"][K.SLOT] = after
     assert torch.equal(H.ksample(later, "flux"), ref)
     assert after.calls == 24 and _summary(later).attention_calls == 24
 
@@ -248,7 +252,7 @@ def test_two_patched_models_do_not_interfere(models):
     the input model is never modified."""
     _need("flux")
     model = models["flux"]
-    sig = A.model_signature(model)
+    sig = Ly.model_signature(model)
     sigmas = H.schedule_sigmas(model)
     plan_a, plan_b = H.arrow_cache_plan(sig, sigmas, 8), H.arrow_cache_plan(sig, sigmas, 32)
     a, b = A.apply_dfa(model, plan=plan_a), A.apply_dfa(model, plan=plan_b)
@@ -259,10 +263,10 @@ def test_two_patched_models_do_not_interfere(models):
     for m, plan in ((a, plan_a), (b, plan_b)):
         s = _summary(m)
         assert (s.cache_hits, s.cache_misses) == H.expected_cache_counts(plan, s.forwards)
-    assert A.SLOT not in model.model_options.get("transformer_options", {})
+    assert K.SLOT not in model.model_options.get("transformer_options", {})
     import comfy.patcher_extension
 
-    assert not model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, A.WRAPPER_KEY)
+    assert not model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, K.WRAPPER_KEY)
 
 
 @pytest.mark.parametrize("start,end", [(0.5, 1.0), (0.0, 0.5)])
@@ -295,14 +299,14 @@ def test_apply_errors(models):
 
 
 def test_version_gate(models):
-    old = A.HostSupport("0.3.64", override=True, flux_block_identity=False)
+    old = HS.HostSupport("0.3.64", override=True, flux_block_identity=False)
     assert "0.3.75" in old.flux_error() and old.sd3_error() is None
-    assert "0.3.59" in A.HostSupport("0.3.50", override=False, flux_block_identity=False).sd3_error()
-    support = A.host_support()
+    assert "0.3.59" in HS.HostSupport("0.3.50", override=False, flux_block_identity=False).sd3_error()
+    support = HS.host_support()
     assert support.override  # both test hosts have the override hook
     if not support.flux_block_identity:  # the real old host: Flux is refused with the version, SD3 works
         plan, _ = _plans(models["sd3"])
-        sig = A.model_signature(models["flux"])
+        sig = Ly.model_signature(models["flux"])
         flux_plan = H.all_full_plan(sig, H.schedule_sigmas(models["flux"]))
         with pytest.raises(RuntimeError, match=r"0\.3\.75"):
             A.apply_dfa(models["flux"], plan=flux_plan)
@@ -363,7 +367,7 @@ def test_calibration_pass_then_apply_reproduces_it(models, family, sampler, cfg)
     pos, neg = H.conditioning(family, 32, 1), H.conditioning(family, 32, 2)
     res = calibrate_dfa(model, positive=pos, negative=neg, width=256, height=256, steps=4, cfg=cfg,
                         sampler_name=sampler, scheduler="simple", seed=0, config=SearchConfig(delta=0.5), backend="sdpa")
-    assert res.plan.model == A.model_signature(model) and res.plan.calibration.txt_len == 32
+    assert res.plan.model == Ly.model_signature(model) and res.plan.calibration.txt_len == 32
     patched = A.apply_dfa(model, plan=res.plan)
     out = H.ksample(patched, family, sampler=sampler, cfg=cfg)
     assert torch.equal(out, res.samples)

@@ -19,13 +19,15 @@ import torch  # noqa: E402
 from dfav2.calibration.cli import flops_kept  # noqa: E402
 from dfav2.calibration.plan import load_plan  # noqa: E402
 from dfav2.nodes import adapter as A  # noqa: E402
+from dfav2.nodes import host as HS  # noqa: E402
+from dfav2.nodes import hooks as K  # noqa: E402
 
 FAMILIES = ("flux", "sd35m")
 
 
 def _need(family):
-    if family == "flux" and A.host_support().flux_error() is not None:
-        pytest.skip(f"ComfyUI {H.host_version()} has no Flux block identity (needs >= {A.MIN_HOST_FLUX})")
+    if family == "flux" and HS.host_support().flux_error() is not None:
+        pytest.skip(f"ComfyUI {H.host_version()} has no Flux block identity (needs >= {HS.MIN_HOST_FLUX})")
 
 
 @pytest.fixture
@@ -60,10 +62,10 @@ def _batch_cond(family, batch, seed):
 def _untouched(model):
     """The input model carries none of our patch: no override, no dfav2 wrappers or callbacks."""
     to = model.model_options.get("transformer_options", {})
-    assert A.SLOT not in to and A.TO_PATCH not in to and A.TO_RUN not in to
+    assert K.SLOT not in to and A.TO_PATCH not in to and K.TO_RUN not in to
     for group in ("wrappers", "callbacks"):
         for per_type in to.get(group, {}).values():
-            assert A.WRAPPER_KEY not in per_type, (group, per_type.keys())
+            assert K.WRAPPER_KEY not in per_type, (group, per_type.keys())
 
 
 @pytest.mark.parametrize("family,size,candidates", [

@@ -29,10 +29,10 @@ MIN_PSNR = 20.0
 
 
 def _need(name):
-    from dfav2.nodes import adapter as A
+    from dfav2.nodes.host import MIN_HOST_FLUX, host_support
 
-    if models.SPECS[name].family == "flux" and A.host_support().flux_error() is not None:
-        pytest.skip(f"ComfyUI {H.host_version()} has no Flux block identity (needs >= {A.MIN_HOST_FLUX})")
+    if models.SPECS[name].family == "flux" and host_support().flux_error() is not None:
+        pytest.skip(f"ComfyUI {H.host_version()} has no Flux block identity (needs >= {MIN_HOST_FLUX})")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def eval_scenes():
 
 @pytest.mark.parametrize("name", sorted(models.SPECS))
 def test_loader_detects_the_layout(ref, name):
-    from dfav2.nodes.adapter import model_signature
+    from dfav2.nodes.layouts import model_signature
 
     sig = model_signature(ref[name])
     assert sig.family == models.SPECS[name].family
@@ -98,7 +98,8 @@ def test_default_delta_gives_a_mixed_plan_within_psnr(ref, eval_scenes):
 @pytest.mark.parametrize("name", sorted(models.SPECS))
 def test_all_full_plan_is_bit_identical(ref, name):
     _need(name)
-    from dfav2.nodes.adapter import apply_dfa, model_signature
+    from dfav2.nodes.adapter import apply_dfa
+    from dfav2.nodes.layouts import model_signature
 
     mp = ref[name]
     caps = [s.caption for s in scenes.sample_scenes(2, 7)]

@@ -27,6 +27,8 @@ import torch  # noqa: E402
 
 from dfav2.calibration.plan import save_plan  # noqa: E402
 from dfav2.nodes import adapter as A  # noqa: E402
+from dfav2.nodes import host as HS  # noqa: E402
+from dfav2.nodes import layouts as Ly  # noqa: E402
 
 PACK_DIR_NAME = "ComfyUI-DFAv2"
 
@@ -108,7 +110,7 @@ def server(tmp_path_factory, tiny_paths, models):
     extra_dir.mkdir(parents=True)
     plans = {}
     for fam in ("flux", "sd35m"):
-        sig, sigmas = A.model_signature(models[fam]), H.schedule_sigmas(models[fam])
+        sig, sigmas = Ly.model_signature(models[fam]), H.schedule_sigmas(models[fam])
         plans[f"{fam}_full.json"] = H.all_full_plan(sig, sigmas)
         plans[f"{fam}_ac.json"] = H.arrow_cache_plan(sig, sigmas)
     for name, plan in plans.items():
@@ -149,7 +151,7 @@ def _chain(wf: dict, nid: int, *, loader: str, unet: str, pooled: int, plan: str
 
 
 def _flux_loader() -> str:
-    return "UNETLoader" if A.host_support().flux_block_identity else "DFATestTinyFluxLoader"
+    return "UNETLoader" if HS.host_support().flux_block_identity else "DFATestTinyFluxLoader"
 
 
 def test_object_info_lists_the_nodes_and_plans(server):
@@ -174,7 +176,7 @@ def test_object_info_lists_the_nodes_and_plans(server):
 def test_two_models_with_different_plans_in_one_prompt(server):
     """One prompt: tiny Flux with an all-full plan and patched/unpatched twins, tiny SD3.5-M with an arrow+cache plan;
     then the same graph with new seeds (the executed DFAApply outputs are reused from the execution cache)."""
-    flux_ok = A.host_support().flux_block_identity
+    flux_ok = HS.host_support().flux_block_identity
     for seed in (0, 1):
         wf: dict = {}
         tag = f"s{seed}"
@@ -199,8 +201,8 @@ def test_two_models_with_different_plans_in_one_prompt(server):
 
 
 def test_flux_on_an_old_host_names_the_version(server):
-    if A.host_support().flux_block_identity:
-        pytest.skip(f"ComfyUI {H.host_version()} supports Flux; the version message is for hosts < {A.MIN_HOST_FLUX}")
+    if HS.host_support().flux_block_identity:
+        pytest.skip(f"ComfyUI {H.host_version()} supports Flux; the version message is for hosts < {HS.MIN_HOST_FLUX}")
     wf: dict = {}
     _chain(wf, 100, loader=_flux_loader(), unet="tiny_flux.safetensors", pooled=32, plan="flux_full.json",
            enabled=True, seed=0, prefix="flux_old")
@@ -243,7 +245,7 @@ def test_calibrate_apply_ksampler_in_one_prompt(server):
     assert info["display_name"] == "DiTFastAttnV2 Calibrate" and info["category"] == "model_patches/DiTFastAttnV2"
     assert info["output"] == ["DFA_PLAN", "STRING"]
     assert {"clip", "positive", "negative"} == set(info["input"].get("optional", {}))
-    family = "flux" if A.host_support().flux_block_identity else "sd35m"
+    family = "flux" if HS.host_support().flux_block_identity else "sd35m"
     name = f"srv_{family}"
     st = server.run(_calibrate_workflow(family=family, plan_name=name, delta=0.5, seed=0, prefix="cal0"))
     assert st.get("status_str") == "success", json.dumps(st)[:3000]

@@ -1,8 +1,9 @@
-"""Start a ComfyUI host in-process outside its own main.py (the `demo` command and the host tests).
+"""Host compatibility helpers: find a ComfyUI tree, import it in-process outside its own main.py (the `demo`
+command, the host tests, the benchmarks), and read its version (the one version probe of the pack).
 
-Standalone on purpose: only the standard library and torch, no relative imports, nothing at import time. It is
-loaded by file path (`load_host_compat`) before the pack's `nodes` package is imported, because that package
-imports ComfyUI's V3 API at import time and so needs the host on sys.path (and `--cpu` set) first.
+Standalone on purpose: only the standard library and torch, no relative imports, nothing at import time. Scripts
+load it by file path before the pack's `nodes` package is imported, because that package imports ComfyUI's V3
+API at import time and so needs the host on sys.path (and `--cpu` set) first; `nodes/host.py` imports it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
 
-__all__ = ["install_torchvision_shim", "find_comfyui", "import_comfyui", "load_host_compat"]
+__all__ = ["install_torchvision_shim", "find_comfyui", "import_comfyui", "host_version"]
 
 
 def install_torchvision_shim() -> None:
@@ -102,14 +102,10 @@ def import_comfyui(path: str | os.PathLike[str], *, cpu: bool | None = None) -> 
     return "cpu" if cpu else "cuda"
 
 
-def load_host_compat() -> ModuleType:
-    """This module, loaded by file path (no package import). Usable from any file of the pack."""
-    name = "dfav2_host_compat"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve())
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
+def host_version() -> str:
+    """The running ComfyUI's version ("unknown" when it does not say)."""
+    try:
+        from comfyui_version import __version__
+    except ImportError:
+        return "unknown"
+    return str(__version__)

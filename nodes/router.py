@@ -1,0 +1,426 @@
+"""The attention router: one sampling run's override. Per forward it fixes the geometry, plan position and cache
+key; per attention call it decides, with `dense_reason`, whether the call can go to the consumer (the engine or
+the calibrator) or runs the host's dense attention, and it keeps the run's forward log and warnings.
+
+Plain Python and torch, no host import: CI tests it on fake calls of both layouts (Flux [B, H, L, D] with
+``skip_reshape``, SD3 [B, L, H·D]). The host's wrappers (hooks.py) create a `Run` per sampling run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+from collections import Counter
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..calibration.plan import LayerSpec
+from ..kernels.engine import AttentionConsumer, CallContext
+from ..kernels.methods import MethodKind
+from .layouts import Layout, Reason
+
+__all__ = ["dense_reason", "Run", "RunSummary", "ForwardRecord", "Forward", "TO_FORWARD"]
+
+log = logging.getLogger(__name__)
+
+TO_FORWARD = "dfav2_forward"  # the per-forward Forward, only in apply_model's copy of transformer_options
+
+
+def _no_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch.compiler.disable(fn)`, applied at the first call: keeps Python bookkeeping out of compiled graphs
+    without importing torch._dynamo (and with it Triton) when the pack is imported."""
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not disabled:
+            disable = getattr(getattr(torch, "compiler", None), "disable", None)
+            disabled.append(disable(fn) if disable is not None else fn)
+        return disabled[0](*args, **kwargs)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------- the pure check
+
+
+class _Call:
+    """A routable attention call: q, k, v as [B, H, L, D] views and how to give the output back."""
+
+    __slots__ = ("q", "k", "v", "batch", "seq_len", "heads", "head_dim", "flat")
+
+
+def _parse(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs: dict) -> _Call | Reason:
+    if len(args) < 3 or len(args) > 4:
+        return Reason("arguments", f"unexpected attention call with {len(args)} positional arguments")
+    q, k, v = args[0], args[1], args[2]
+    heads = args[3] if len(args) > 3 else kwargs.get("heads")
+    if kwargs.get("mask") is not None:
+        return Reason("mask", "an attention mask is present")
+    if kwargs.get("enable_gqa"):
+        return Reason("gqa", "grouped-query attention is not supported")
+    if not isinstance(heads, int) or heads < 1:
+        return Reason("heads", f"attention call without a head count ({heads!r})")
+    if not (torch.is_tensor(q) and torch.is_tensor(k) and torch.is_tensor(v)):
+        return Reason("arguments", "q, k, v are not tensors")
+    flat = not kwargs.get("skip_reshape", False)
+    if flat:
+        if q.dim() != 3 or q.shape[-1] % heads:
+            return Reason("layout", f"unexpected query shape {tuple(q.shape)} for {heads} heads")
+        batch, seq_len, hd = q.shape
+        head_dim = hd // heads
+        # SD3 passes v (sometimes k) as [B, L, H, D] next to q [B, L, H*D]
+        same = all(t.shape == q.shape or t.shape == (batch, seq_len, heads, head_dim) for t in (k, v))
+    else:
+        if q.dim() != 4 or q.shape[1] != heads:
+            return Reason("layout", f"unexpected query shape {tuple(q.shape)} for {heads} heads")
+        batch, _, seq_len, head_dim = q.shape
+        same = k.shape == q.shape and v.shape == q.shape
+    if not same:
+        return Reason("Lq != Lk", f"query {tuple(q.shape)} and key/value {tuple(k.shape)}/{tuple(v.shape)} differ (KV cache?)")
+    if heads != spec.heads or head_dim != spec.head_dim:
+        return Reason("head mismatch", f"layer {spec.name}: plan expects {spec.heads} heads × {spec.head_dim}, "
+                      f"call has {heads} × {head_dim}")
+    if seq_len != txt_len + n_img:
+        return Reason("layout", f"layer {spec.name}: sequence length {seq_len} is not text {txt_len} + image grid {n_img}")
+    c = _Call()
+    c.q, c.k, c.v = q, k, v
+    c.batch, c.seq_len, c.heads, c.head_dim, c.flat = batch, seq_len, heads, head_dim, flat
+    return c
+
+
+def dense_reason(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs: dict) -> str | None:
+    """Why an attention call of layer `spec` (forward with `txt_len` text and `n_img` image tokens) must run the
+    host's dense attention, or None when the plan can run it. `args`/`kwargs` are what the host passes to its
+    attention backend: Flux q, k, v [B, H, L, D] with ``skip_reshape=True``, SD3 [B, L, H·D] with ``heads=``.
+    The reason's `.kind` groups warnings. Pure: no state, no host import."""
+    r = _parse(spec, 0 if spec.image_only else txt_len, n_img, args, kwargs)
+    return r if isinstance(r, Reason) else None
+
+
+# ---------------------------------------------------------------------------------------------- run records
+
+
+@dataclass(frozen=True)
+class ForwardRecord:
+    """One model forward of a run: its sigma, the plan position used (None: dense) and the cache key."""
+
+    sigma: float
+    position: int | None
+    cache_key: Hashable
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one sampling run did (also logged as one line)."""
+
+    forwards: tuple[ForwardRecord, ...]
+    attention_calls: int
+    engine_calls: int
+    heads: dict[str, int]
+    cache_hits: int
+    cache_misses: int
+    fallbacks: dict[str, int]
+    kept_flops: int
+    dense_flops: int
+
+    @property
+    def flops_saved(self) -> float:
+        return 0.0 if self.dense_flops == 0 else 1.0 - self.kept_flops / self.dense_flops
+
+    def line(self) -> str:
+        total = sum(self.heads.values()) or 1
+        share = " / ".join(f"{k} {100.0 * v / total:.0f}%" for k, v in self.heads.items())
+        fb = sum(self.fallbacks.values())
+        reasons = f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.fallbacks.items()))})" if fb else ""
+        return (
+            f"DiTFastAttnV2: {len(self.forwards)} forwards, {self.attention_calls} attention calls; heads {share}; "
+            f"cache hits {self.cache_hits}, misses {self.cache_misses}; est. attention FLOPs saved "
+            f"{100.0 * self.flops_saved:.1f}%; dense fallbacks {fb}{reasons}"
+        )
+
+
+class Forward:
+    """Per model forward (one apply_model call): geometry, plan position, cache key, SD3 layer counter."""
+
+    __slots__ = ("run", "position", "txt_len", "n_img", "key", "next_layer", "reason")
+
+    def __init__(self, run: Run, position: int | None, txt_len: int, n_img: int, key: Hashable,
+                 reason: Reason | None) -> None:
+        self.run = run
+        self.position = position
+        self.txt_len = txt_len
+        self.n_img = n_img
+        self.key = key
+        self.next_layer = 0
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------------- run
+
+
+class Run:
+    """One sampling run: the override object in the slot. Routed calls go to a consumer per device
+    (`consumer_for(device)`); everything else runs `prev` (a chained override) or the host's backend.
+
+    position(sigma): the plan position of a forward (None: all its calls dense). check(n_img, to): called per
+    routed forward (warn-once comparisons with the calibration). on_error(exc): a consumer raised (the call
+    then runs dense).
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        prev: Callable[..., Any] | None,
+        *,
+        consumer_for: Callable[[torch.device], AttentionConsumer],
+        position: Callable[[float], int | None],
+        check: Callable[[int, dict], None] | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+        owner: Any = None,
+    ) -> None:
+        self.layout = layout
+        self.layers = layout.signature.layers
+        self.prev = prev
+        self.owner = owner  # the patch this run belongs to (hooks.py)
+        self._consumer_for = consumer_for
+        self._position = position
+        self._check = check
+        self._on_error = on_error
+        self.consumers: dict[torch.device, AttentionConsumer] = {}
+        self.forwards: list[ForwardRecord] = []
+        self.attention_calls = 0
+        self.fallbacks: Counter[str] = Counter()
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo: dict) -> Run:  # ComfyUI <= 0.12 deep-copies model_options
+        return self
+
+    def consumer(self, device: torch.device) -> AttentionConsumer:
+        c = self.consumers.get(device)
+        if c is None:
+            with self._lock:
+                c = self.consumers.get(device)
+                if c is None:
+                    c = self.consumers[device] = self._consumer_for(device)
+        return c
+
+    def warn_once(self, key: str, message: str, *args: Any) -> None:
+        with self._lock:
+            first = key not in self._warned
+            self._warned.add(key)
+        if first:
+            log.warning(message, *args)
+
+    def fallback(self, reason: Reason) -> None:
+        self.fallbacks[reason.kind] += 1
+        self.warn_once(reason.kind, "DiTFastAttnV2: %s; using the host's dense attention (warned once per run)", reason)
+
+    # -- forwards ------------------------------------------------------------------------------------------
+    @_no_compile
+    def begin_forward(self, x: Any, sigma_t: Any, context: Any, to: dict, extra: dict) -> Forward:
+        reason: Reason | None = None
+        position = None
+        txt_len = n_img = 0
+        sigmas = to.get("sigmas", sigma_t)
+        try:
+            sigma = float(sigmas.reshape(-1)[0]) if torch.is_tensor(sigmas) else float(sigmas[0])
+        except Exception:  # noqa: BLE001 - never fail a forward over bookkeeping
+            sigma = math.nan
+        key: Hashable = None
+        if not (torch.is_tensor(x) and x.dim() == 4):
+            reason = Reason("latent is not [B, C, H, W]")
+        elif context is None or not torch.is_tensor(context) or context.dim() != 3:
+            reason = Reason("no text conditioning tensor")
+        elif extra.get("ref_latents") is not None:
+            reason = Reason("reference latents (Kontext / edit) are not part of a plan's layout")
+        elif extra.get("attention_mask") is not None:
+            reason = Reason("an attention mask is present")
+        elif not math.isfinite(sigma):
+            reason = Reason("no sigma for this forward")
+        else:
+            reason = self.layout.forward_reason(to)
+        if reason is None:
+            n_img = self.layout.latent_tokens(int(x.shape[-2]), int(x.shape[-1]))
+            txt_len = self.layout.text_tokens(int(context.shape[1]))
+            if self._check is not None:
+                self._check(n_img, to)
+            try:
+                position = self._position(sigma)
+            except Exception as exc:  # noqa: BLE001 - e.g. the calibrator refused the sigma
+                self.error(exc)
+                position = None
+            chunks = to.get("uuids") or to.get("cond_or_uncond") or ()
+            try:
+                chunk_key = tuple(chunks)
+            except TypeError:
+                chunk_key = (id(chunks),)
+            key = (str(x.device), chunk_key, int(x.shape[0]))
+        fwd = Forward(self, position, txt_len, n_img, key, reason)
+        self.forwards.append(ForwardRecord(sigma, position if reason is None else None, key))
+        return fwd
+
+    @_no_compile
+    def end_forward(self, fwd: Forward) -> None:
+        if self.layout.counts_calls and fwd.reason is None and fwd.next_layer not in (0, len(self.layers)):
+            self.fallback(Reason(
+                "layer count",
+                f"a forward made {fwd.next_layer} attention calls but the model has {len(self.layers)} attention "
+                "layers (blocks skipped or repeated?); later layers of such a forward may be misidentified",
+            ))
+
+    def error(self, exc: Exception) -> None:
+        if self._on_error is not None:
+            self._on_error(exc)
+        else:
+            self.fallback(Reason("engine", f"head-wise attention failed ({type(exc).__name__}: {exc})"))
+
+    # -- the override ---------------------------------------------------------------------------------------
+    def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if getattr(self._local, "depth", 0):
+            # Re-entered through a chained override that points back at us: run the host backend.
+            return func(*args, **kwargs)
+        try:
+            routed = self._route(args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - the override never raises
+            self.fallback(Reason("internal", f"routing failed ({type(exc).__name__}: {exc})"))
+            routed = None
+        if routed is None:
+            return self._dense(func, args, kwargs)
+        try:
+            return self._attend(routed, func, kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self.error(exc)
+            return self._dense(func, args, kwargs)
+
+    def _dense(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        local = self._local
+        local.depth = getattr(local, "depth", 0) + 1
+        try:
+            if self.prev is not None:
+                return self.prev(func, *args, **kwargs)
+            return func(*args, **kwargs)
+        finally:
+            local.depth -= 1
+
+    @_no_compile
+    def _route(self, args: tuple, kwargs: dict) -> tuple[_Call, CallContext, AttentionConsumer] | None:
+        """The consumer call for this attention call, or None for a plain dense call (reasons warned once)."""
+        self.attention_calls += 1
+        to = kwargs.get("transformer_options")
+        fwd = to.get(TO_FORWARD) if isinstance(to, dict) else None
+        if not isinstance(fwd, Forward) or fwd.run is not self:
+            return None  # not inside a forward of the patched model (e.g. a ControlNet): host attention
+        if fwd.reason is not None:
+            self.fallback(fwd.reason)
+            return None
+        if self.layout.counts_calls:
+            layer: int | Reason = fwd.next_layer
+            fwd.next_layer += 1
+            if fwd.next_layer > len(self.layers):
+                layer = Reason("unknown layer", f"more attention calls in one forward than the model's {len(self.layers)} layers")
+        else:
+            layer = self.layout.block_layer(to)  # type: ignore[arg-type]
+        if isinstance(layer, Reason):
+            self.fallback(layer)
+            return None
+        if fwd.position is None:
+            return None  # outside start/end percent, or the consumer refused this forward: dense
+        spec = self.layers[layer]
+        txt_len = 0 if spec.image_only else fwd.txt_len
+        call = _parse(spec, txt_len, fwd.n_img, args, kwargs)
+        ctx = CallContext(layer, fwd.position, txt_len, fwd.key)
+        if isinstance(call, Reason):
+            self.fallback(call)
+            q = args[0] if args else None
+            if torch.is_tensor(q):
+                forget = getattr(self.consumers.get(q.device), "forget", None)
+                if forget is not None:  # no older output of this layer may be reused later
+                    forget(ctx)
+            return None
+        consumer = self.consumer(call.q.device)
+        bypass = getattr(consumer, "bypass", None)
+        if bypass is not None and bypass(ctx, call.batch, call.seq_len, call.head_dim, call.q.device):
+            return None  # an all-full layer that keeps nothing: exactly the host call (counted by the engine)
+        return call, ctx, consumer
+
+    def _attend(self, routed: tuple[_Call, CallContext, AttentionConsumer], func: Callable[..., Any],
+                kwargs: dict) -> torch.Tensor:
+        call, ctx, consumer = routed
+        q, k, v = call.q, call.k, call.v
+        if call.flat:
+            shape = (call.batch, call.seq_len, call.heads, call.head_dim)
+            q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
+        dense = _DenseHeads(self, func, kwargs)
+        out = consumer.attend(ctx, q, k, v, dense, kwargs.get("scale"))
+        if kwargs.get("skip_output_reshape", False):
+            return out
+        return out.transpose(1, 2).reshape(call.batch, call.seq_len, call.heads * call.head_dim)
+
+    # -- end of run ----------------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Free what the consumers hold on the device (ON_CLEANUP): head caches, masks, tables."""
+        for c in list(self.consumers.values()):
+            release = getattr(c, "release", None)  # engines; the calibrator's state is its result (freed by its owner)
+            if release is not None:
+                release()
+
+    def finish(self) -> RunSummary:
+        heads = {m.value: 0 for m in MethodKind}
+        hits = misses = calls = kept = dense = 0
+        seen: set[int] = set()
+        for c in self.consumers.values():
+            if id(c) in seen:
+                continue
+            seen.add(id(c))
+            st = c.stats
+            for name, n in st.heads.items():
+                heads[name] += n
+            hits += st.cache_hits
+            misses += st.cache_misses
+            calls += st.calls
+            kept += st.kept_flops
+            dense += st.dense_flops
+        summary = RunSummary(
+            forwards=tuple(self.forwards),
+            attention_calls=self.attention_calls,
+            engine_calls=calls,
+            heads=heads,
+            cache_hits=hits,
+            cache_misses=misses,
+            fallbacks=dict(self.fallbacks),
+            kept_flops=kept,
+            dense_flops=dense,
+        )
+        self.release()
+        self.consumers.clear()
+        return summary
+
+
+class _DenseHeads:
+    """The host's dense attention on [B, h, L, D] head subsets (what the consumer calls for full heads). A small
+    object instead of a per-call closure; kwargs the host backend does not need are dropped once here."""
+
+    __slots__ = ("run", "func", "kwargs")
+
+    def __init__(self, run: Run, func: Callable[..., Any], kwargs: dict) -> None:
+        self.run = run
+        self.func = func
+        kw = {k: v for k, v in kwargs.items() if k not in ("heads", "skip_reshape", "skip_output_reshape")}
+        kw["skip_reshape"] = True
+        kw["skip_output_reshape"] = True
+        self.kwargs = kw
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = self.run._dense(self.func, (q, k, v, q.shape[1]), self.kwargs)
+        if out.dim() == 3:  # a chained override that ignored skip_output_reshape
+            out = out.unflatten(-1, (q.shape[1], q.shape[-1])).transpose(1, 2)
+        return out
+

@@ -16,7 +16,7 @@ side against the same model and host. Per variant: median over `--rounds` rounds
 forwards (time.perf_counter_ns) after warm-up; host us per call = (variant - unpatched) / calls per forward,
 i.e. routing + the per-forward set-up (forward_options, amortised) + engine dispatch for the mixed plan.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_hostpath.py [--before /tmp/hp_before] [--out FILE.json]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_hostpath.py [--before ../hp_before] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -96,6 +96,14 @@ def _plans(api: dict[str, Any], model: Any, sigmas: list[float]) -> dict[str, An
         for i, s in enumerate(sigmas))
     mixed = plan_mod.Plan(sig, positions, None, "mixed: 1/3 full, 1/3 arrow/8, 1/3 cache")
     return {"all_full": full, "mixed": mixed}
+
+
+def _commit(tree: Path) -> str:
+    """The checked-out commit of a pack tree (recorded instead of a machine path)."""
+    import subprocess
+
+    r = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
 
 
 def main() -> int:
@@ -254,7 +262,7 @@ def main() -> int:
     info = {
         "date": datetime.date.today().isoformat(), "cpu": _cpu_model(), "torch_threads": a.threads,
         "python": platform.python_version(), "torch": torch.__version__, "comfyui": host_version,
-        "packs": {label: str(ROOT if pkg == "dfav2" else a.before.resolve()) for label, pkg in packs.items()},
+        "packs": {label: _commit(ROOT if pkg == "dfav2" else a.before) for label, pkg in packs.items()},
         "geometry": {"res": a.res, "txt": a.txt, "img_tokens": (a.res // 16) ** 2, **{k: TINY_FLUX[k] for k in (
             "hidden_size", "num_heads", "depth", "depth_single_blocks")}},
         "attention_calls_per_forward": n_calls, "rounds": a.rounds, "inner": a.inner, "warmup": a.warmup,

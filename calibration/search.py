@@ -30,6 +30,7 @@ from ..kernels.engine import (
     headwise_attention,
 )
 from ..kernels.methods import CACHE, FULL, HeadMethod, LayerDecision, MethodKind, arrow
+from ..kernels.offload import OffloadStore
 from .knapsack import HEAD_CAP_FACTOR, solve_layer, solve_layer_uniform
 from .metric import head_rse
 from .plan import CalibrationRecord, ModelSignature, Plan, PlanPosition
@@ -65,68 +66,6 @@ class SearchConfig:
             raise ValueError(f"granularity must be 'head' or 'layer', got {self.granularity!r}")
 
 
-class _PrevOutputs:
-    """Previous compressed outputs per key. On CUDA with offload they live in reused pinned host
-    buffers, copied on a side stream; `prefetch` starts the copy back before it is needed."""
-
-    def __init__(self, offload: bool) -> None:
-        self.offload = offload
-        self._host: dict[Hashable, torch.Tensor] = {}
-        self._events: dict[Hashable, torch.cuda.Event] = {}
-        self._on_device: dict[Hashable, torch.Tensor] = {}
-        self._stream: torch.cuda.Stream | None = None
-
-    def _side(self, device: torch.device) -> torch.cuda.Stream:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
-        return self._stream
-
-    def put(self, key: Hashable, t: torch.Tensor) -> None:
-        self._on_device.pop(key, None)
-        if not (self.offload and t.is_cuda):
-            self._on_device[key] = t
-            return
-        buf = self._host.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self._host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        side = self._side(t.device)
-        side.wait_stream(torch.cuda.current_stream(t.device))
-        with torch.cuda.stream(side):
-            buf.copy_(t, non_blocking=True)
-            t.record_stream(side)
-            ev = torch.cuda.Event()
-            ev.record(side)
-        self._events[key] = ev
-
-    def prefetch(self, key: Hashable, device: torch.device) -> None:
-        if key in self._on_device or key not in self._host:
-            return
-        side = self._side(device)
-        with torch.cuda.stream(side):
-            side.wait_event(self._events[key])
-            t = self._host[key].to(device, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(side)
-        self._on_device[key] = t
-        self._events[key] = ev
-
-    def get(self, key: Hashable, device: torch.device) -> torch.Tensor | None:
-        if key not in self._on_device:
-            if key not in self._host:
-                return None
-            self.prefetch(key, device)
-        t = self._on_device.pop(key)
-        if t.is_cuda and key in self._events:
-            torch.cuda.current_stream(device).wait_event(self._events[key])
-            t.record_stream(torch.cuda.current_stream(device))
-        return t
-
-    def clear(self) -> None:
-        self._host.clear()
-        self._events.clear()
-        self._on_device.clear()
-
-
 class ProgressiveCalibrator:
     """Collects a plan during one sampling pass. Host-independent: the adapter supplies sigmas,
     layer indices, text lengths and the host's dense attention.
@@ -142,7 +81,7 @@ class ProgressiveCalibrator:
         self.backend: ArrowBackend = backend
         self.sigmas: list[float] = []
         self._decisions: list[dict[int, LayerDecision]] = []
-        self._prev = _PrevOutputs(config.offload)
+        self._prev = OffloadStore(config.offload)
         self._saving_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self.rse_log: list[tuple[int, int, np.ndarray]] = []  # (position, layer, rse [H, M]) for reports
         self.stats = EngineStats()  # what the compressed outputs fed forward cost (as the engine reports it)
@@ -201,7 +140,7 @@ class ProgressiveCalibrator:
         pos = self.position
         key = (chunk, layer)
         decisions = self._decisions[pos]
-        prev = self._prev.get(key, q.device) if pos > 0 else None
+        prev = self._prev.get(key) if pos > 0 else None
         hit = True
         if layer in decisions:
             dec = decisions[layer]
@@ -217,7 +156,7 @@ class ProgressiveCalibrator:
         self.stats.record(call_cost(dec, txt_len, q.shape[2] - txt_len, hit), q.shape[0], q.shape[3])
         self._prev.put(key, out)
         if layer + 1 < len(self.model.layers):
-            self._prev.prefetch((chunk, layer + 1), q.device)
+            self._prev.prefetch((chunk, layer + 1))
         return out
 
     def _search(self, pos, layer, txt_len, q, k, v, dense, prev) -> tuple[torch.Tensor, LayerDecision]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .cost import kept_pairs
 from .masks import arrow_block_mask, arrow_keep
 from .methods import FULL, WINDOW_FULL, WINDOW_SKIP, LayerDecision, MethodKind
+from .offload import OffloadStore
 
 __all__ = [
     "ArrowBackend",
@@ -30,6 +31,8 @@ __all__ = [
     "call_cost",
     "CachedHeads",
     "HeadCache",
+    "CacheOffload",
+    "CACHE_OFFLOAD_MODES",
     "CallContext",
     "EngineStats",
     "HeadwiseEngine",
@@ -40,6 +43,11 @@ __all__ = [
 #: Dense attention on [B, h, L, D] -> [B, h, L, D] (e.g. the host's own backend).
 DenseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ArrowBackend = Literal["auto", "sdpa", "flex", "triton"]
+#: Where a run's head cache waits between steps: "gpu", "cpu" (pinned host memory, prefetched a layer ahead) or
+#: "auto" (cpu when the plan's largest cache would take more than CACHE_OFFLOAD_SHARE of the GPU's memory).
+CacheOffload = Literal["auto", "gpu", "cpu"]
+CACHE_OFFLOAD_MODES: tuple[str, ...] = ("auto", "gpu", "cpu")
+CACHE_OFFLOAD_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -51,30 +59,54 @@ class CachedHeads:
 
 
 class HeadCache:
-    """Per-run store of head outputs. Keys are chosen by the caller (device, cond chunk, layer ...)."""
+    """Per-run store of head outputs. Keys are chosen by the caller (device, cond chunk, layer ...).
 
-    def __init__(self) -> None:
-        self._store: dict[Hashable, CachedHeads] = {}
+    With `offload`, CUDA values wait in pinned CPU memory (offload.py) and `prefetch` brings a key back ahead
+    of its `get`; each `get` is followed by a `put` or `discard` of that key (the engine's pattern)."""
+
+    def __init__(self, offload: bool = False) -> None:
+        self._heads: dict[Hashable, tuple[int, ...]] = {}
+        self._values = OffloadStore(offload)
+
+    @property
+    def offload(self) -> bool:
+        return self._values.offload
+
+    @offload.setter
+    def offload(self, on: bool) -> None:  # for entries put from now on
+        self._values.offload = on
 
     def get(self, key: Hashable) -> CachedHeads | None:
-        return self._store.get(key)
+        heads = self._heads.get(key)
+        if heads is None:
+            return None
+        values = self._values.get(key)
+        return None if values is None else CachedHeads(heads, values)
 
     def put(self, key: Hashable, entry: CachedHeads) -> None:
-        self._store[key] = entry
+        self._heads[key] = entry.heads
+        self._values.put(key, entry.values)
+
+    def prefetch(self, key: Hashable) -> None:
+        if key in self._heads:
+            self._values.prefetch(key)
 
     def discard(self, key: Hashable) -> None:
         """Forget the entry of `key` (no error if there is none)."""
-        self._store.pop(key, None)
+        if self._heads.pop(key, None) is not None:
+            self._values.discard(key)
 
     def clear(self) -> None:
-        self._store.clear()
+        self._heads.clear()
+        self._values.clear()
 
     def __len__(self) -> int:
-        return len(self._store)
+        return len(self._heads)
 
     @property
     def nbytes(self) -> int:
-        return sum(e.values.numel() * e.values.element_size() for e in self._store.values())
+        """Bytes held on the device (offloaded entries count only while prefetched)."""
+        return self._values.device_nbytes
 
 
 def available_backends() -> dict[str, str | None]:
@@ -370,11 +402,13 @@ class HeadwiseEngine:
     """
 
     def __init__(self, plan: PlanLike, *, backend: ArrowBackend = "auto", cache: HeadCache | None = None,
-                 full_by_dense: bool = False) -> None:
+                 full_by_dense: bool = False, cache_offload: CacheOffload = "auto") -> None:
         self.plan = plan
         self.backend: ArrowBackend = backend
         self.full_by_dense = full_by_dense  # see headwise_attention
-        self.cache = cache if cache is not None else HeadCache()
+        self.cache = cache if cache is not None else HeadCache(offload=cache_offload == "cpu")
+        self._offload_undecided = cache is None and cache_offload == "auto"
+        self.projected_cache_bytes: int | None = None  # set when "auto" decides
         self.stats = EngineStats()
         self.tables = KernelTables()
         self._entries: dict[tuple, _Entry] = {}
@@ -460,16 +494,34 @@ class HeadwiseEngine:
         decision = e.decision
         key = (ctx.cache_key, ctx.layer)
         cached = self.cache.get(key) if decision.cache_heads else None
+        if self.cache.offload:  # start bringing the next layer's heads back while this layer computes
+            self.cache.prefetch((ctx.cache_key, ctx.layer + 1))
         out, hit = headwise_attention(
             q, k, v, ctx.txt_len, decision, cached=cached, dense=dense, backend=self.backend, scale=scale,
             tables=self.tables, full_by_dense=self.full_by_dense,
         )
         self.stats.record(e.hit_cost if hit else e.miss_cost, q.shape[0], q.shape[3])
         if e.keep_index is not None:
-            self.cache.put(key, CachedHeads(e.keep, out[:, e.keep_index]))
+            values = out[:, e.keep_index]
+            if self._offload_undecided and values.is_cuda:
+                self._decide_offload(values.numel() * values.element_size() // len(e.keep), values.device)
+            self.cache.put(key, CachedHeads(e.keep, values))
         else:  # nothing of this forward is kept: an older entry must not be reused later (after a jump)
             self.cache.discard(key)
         return out
+
+    def _decide_offload(self, head_bytes: int, device: torch.device) -> None:
+        """"auto": offload when the plan's largest per-position cache (at this geometry) would take more than
+        CACHE_OFFLOAD_SHARE of the GPU's memory. Decided once, at the first stored head."""
+        self._offload_undecided = False
+        layers = getattr(getattr(self.plan, "model", None), "layers", None)
+        positions = getattr(self.plan, "positions", None)
+        if layers is None or positions is None:
+            return
+        heads = max(sum(len(self.plan.keep_heads(p, li)) for li in range(len(layers))) for p in range(len(positions)))
+        total = torch.cuda.get_device_properties(device).total_memory
+        self.cache.offload = heads * head_bytes > CACHE_OFFLOAD_SHARE * total
+        self.projected_cache_bytes = heads * head_bytes
 
     def forget(self, ctx: CallContext) -> None:
         """The layer of `ctx` ran outside the engine (host attention): drop its stored heads so the next

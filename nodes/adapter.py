@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from ..calibration.plan import Plan
 from ..kernels.dense import DENSE_MODES, fastest_dense
-from ..kernels.engine import ArrowBackend, HeadwiseEngine
+from ..kernels.engine import CACHE_OFFLOAD_MODES, ArrowBackend, CacheOffload, HeadwiseEngine
 from .hooks import TO_PATCH, TO_RUN, HostPatch, begin_run, install_patch
 from .host import host_support
 from .layouts import Layout, model_layout, weights_fingerprint
@@ -34,12 +34,14 @@ class DFAPatch(HostPatch):
         end_percent: float,
         backend: ArrowBackend,
         dense: str = "fastest",
+        cache_offload: CacheOffload = "auto",
         prev: Callable[..., Any] | None = None,
         label: str = "",
     ) -> None:
         super().__init__(layout=layout, backend=backend, prev=prev)
         self.plan = plan
         self.dense = dense
+        self.cache_offload: CacheOffload = cache_offload
         self.start_percent = start_percent
         self.end_percent = end_percent
         self.label = label
@@ -69,9 +71,10 @@ class DFAPatch(HostPatch):
         fast = fastest_dense if self.dense == "fastest" and prev is None else None
         if self.dense == "fastest" and prev is not None:
             log.info("DiTFastAttnV2: another attention override is chained; it serves the full heads (dense 'host')")
-        full_by_dense = fast is None
+        full_by_dense, offload = fast is None, self.cache_offload
         return Run(self.layout, prev, position=position, check=check, fast_dense=fast,
-                   consumer_for=lambda device: HeadwiseEngine(plan, backend=backend, full_by_dense=full_by_dense))
+                   consumer_for=lambda device: HeadwiseEngine(plan, backend=backend, full_by_dense=full_by_dense,
+                                                              cache_offload=offload))
 
     def _check_run(self, n_img: int, to: dict) -> None:
         """Warn once per run when the run differs from what the plan was calibrated for."""
@@ -119,6 +122,7 @@ def apply_dfa(
     end_percent: float = 1.0,
     backend: ArrowBackend = "auto",
     dense: str = "fastest",
+    cache_offload: CacheOffload = "auto",
     label: str = "",
 ) -> Any:
     """Return a clone of `model` (a ComfyUI ModelPatcher) that runs `plan` in its attention.
@@ -134,6 +138,8 @@ def apply_dfa(
     dense : "fastest" (calls whose heads all run full use cuDNN-first SDPA, full heads of mixed layers run in the
         arrow kernel) or "host" (every full head runs the host's attention: an all-full plan is then bit-identical
         to the unpatched model). A chained attention override always serves the full heads.
+    cache_offload : where cached heads wait between steps: "gpu", "cpu" (pinned memory, prefetched a layer ahead)
+        or "auto" (cpu when the plan's largest cache would take over 5 % of the GPU's memory).
 
     Raises
     ------
@@ -148,6 +154,8 @@ def apply_dfa(
         )
     if dense not in DENSE_MODES:
         raise ValueError(f"dense must be one of {', '.join(DENSE_MODES)}, got {dense!r}")
+    if cache_offload not in CACHE_OFFLOAD_MODES:
+        raise ValueError(f"cache_offload must be one of {', '.join(CACHE_OFFLOAD_MODES)}, got {cache_offload!r}")
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must be a DiTFastAttnV2 Plan, got {type(plan).__name__}")
     support = host_support()
@@ -168,14 +176,14 @@ def apply_dfa(
                 "model if the result changes visibly.", label or plan.description or "(unnamed)", recorded, mine)
     patch = DFAPatch(
         plan=plan, layout=layout, start_percent=float(start_percent), end_percent=float(end_percent),
-        backend=backend, dense=dense, label=label,
+        backend=backend, dense=dense, cache_offload=cache_offload, label=label,
     )
     return install_patch(model, patch)
 
 
 def standalone_run(
     model: Any, plan: Plan, *, backend: ArrowBackend = "auto", dense: str = "fastest",
-    prev: Callable[..., Any] | None = None,
+    cache_offload: CacheOffload = "auto", prev: Callable[..., Any] | None = None,
 ) -> dict:
     """transformer_options with a fresh run of `plan`, for driving a diffusion model directly (no sampler).
 
@@ -185,7 +193,7 @@ def standalone_run(
     layout = model_layout(model)
     _check_plan_fits(plan, layout)
     patch = DFAPatch(plan=plan, layout=layout, start_percent=0.0, end_percent=1.0, backend=backend, dense=dense,
-                     prev=prev)
+                     cache_offload=cache_offload, prev=prev)
     options: dict = {"transformer_options": {TO_PATCH: patch}}
     begin_run(patch, options, None)
     return options["transformer_options"]

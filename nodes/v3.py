@@ -12,6 +12,7 @@ from ..calibration.plan import Plan
 from ..calibration.prompts import DEFAULT_PROMPTS
 from ..calibration.search import DEFAULT_DELTA
 from ..kernels.dense import DENSE_MODES
+from ..kernels.engine import CACHE_OFFLOAD_MODES
 from .adapter import apply_dfa
 from .calibrate import CANDIDATE_SETS, DEFAULT_CANDIDATE_SET, calibrate_plan_node
 from .plans import NO_PLAN, load_plan_file, plan_fingerprint, plan_options, register_plan_folder
@@ -95,6 +96,15 @@ class DFAApply(io.ComfyNode):
                     ),
                     **adv,
                 ),
+                io.Combo.Input(
+                    "cache_memory", options=list(CACHE_OFFLOAD_MODES), default="auto",
+                    tooltip=(
+                        "Where cached head outputs wait for the next step. gpu: fastest, but a cache-heavy plan at "
+                        "2K can hold several GB. cpu: pinned system memory, copied back one layer ahead. auto: cpu "
+                        "when the plan's cache would take more than 5% of the GPU's memory."
+                    ),
+                    **adv,
+                ),
                 DFA_PLAN.Input(
                     "dfa_plan", optional=True,
                     tooltip="A plan from DFALoadPlan or a calibration node. When connected it wins over the dropdown.",
@@ -116,6 +126,7 @@ class DFAApply(io.ComfyNode):
         start_percent: float,
         end_percent: float,
         dense: str = DENSE_MODES[0],
+        cache_memory: str = "auto",
         dfa_plan: Plan | None = None,
     ) -> io.NodeOutput:
         if not enabled:
@@ -124,7 +135,7 @@ class DFAApply(io.ComfyNode):
         label = "connected plan" if dfa_plan is not None else plan
         patched = apply_dfa(
             model, plan=chosen, enabled=True, start_percent=start_percent, end_percent=end_percent, dense=dense,
-            label=label,
+            cache_offload=cache_memory, label=label,
         )
         return io.NodeOutput(patched)
 

@@ -214,8 +214,8 @@ def main() -> int:
             ratios = []
             for r in range(a.paired):
                 pair = (variants["unpatched"], variants[name]) if r % 2 == 0 else (variants[name], variants["unpatched"])
-                t = [ms_of(fn) for fn in pair]
-                ratios.append(t[1] / t[0] if r % 2 == 0 else t[0] / t[1])
+                pair_ms = [ms_of(fn) for fn in pair]
+                ratios.append(pair_ms[1] / pair_ms[0] if r % 2 == 0 else pair_ms[0] / pair_ms[1])
             ratios.sort()
             paired[name] = {"median_pct": 100.0 * (statistics.median(ratios) - 1.0),
                             "iqr_pct": [100.0 * (ratios[len(ratios) // 4] - 1.0), 100.0 * (ratios[(3 * len(ratios)) // 4] - 1.0)]}

@@ -47,7 +47,7 @@ ArrowBackend = Literal["auto", "sdpa", "flex", "triton"]
 #: "auto" (cpu when the plan's largest cache would take more than CACHE_OFFLOAD_SHARE of the GPU's memory).
 CacheOffload = Literal["auto", "gpu", "cpu"]
 CACHE_OFFLOAD_MODES: tuple[str, ...] = ("auto", "gpu", "cpu")
-CACHE_OFFLOAD_SHARE = 0.05
+CACHE_OFFLOAD_SHARE = 0.02
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ def apply_dfa(
         arrow kernel) or "host" (every full head runs the host's attention: an all-full plan is then bit-identical
         to the unpatched model). A chained attention override always serves the full heads.
     cache_offload : where cached heads wait between steps: "gpu", "cpu" (pinned memory, prefetched a layer ahead)
-        or "auto" (cpu when the plan's largest cache would take over 5 % of the GPU's memory).
+        or "auto" (cpu when the plan's largest cache would take over 2 % of the GPU's memory).
 
     Raises
     ------

@@ -101,7 +101,7 @@ class DFAApply(io.ComfyNode):
                     tooltip=(
                         "Where cached head outputs wait for the next step. gpu: fastest, but a cache-heavy plan at "
                         "2K can hold several GB. cpu: pinned system memory, copied back one layer ahead. auto: cpu "
-                        "when the plan's cache would take more than 5% of the GPU's memory."
+                        "when the plan's cache would take more than 2% of the GPU's memory."
                     ),
                     **adv,
                 ),

@@ -242,11 +242,14 @@ def _work(
     si = straddle.to(tl.int32)
     ii = (1 - di) * (1 - si)
     live = (skip == 0).to(tl.int32)
-    t_part = (T % BLOCK_N != 0).to(tl.int32)
+    # 0/1 flags by integer arithmetic, not `(x % n != 0).to(...)`: Triton compiles an int argument equal to 1
+    # (T = 1, L = 1) as a constant, and a comparison of constants is a Python bool without `.to`
+    t_part = tl.cdiv(T, BLOCK_N) - T // BLOCK_N
+    l_part = tl.cdiv(L, BLOCK_N) - L // BLOCK_N
     nu1 = (di * (L // BLOCK_N) + ii * (T // BLOCK_N)) * live
     nu2 = ii * (j_hi - j_lo) * live
     a1 = di * Lfl + ii * Tfl
-    na1 = (di * (L % BLOCK_N != 0).to(tl.int32) + si * tl.cdiv(L, BLOCK_N) + ii * t_part) * live
+    na1 = (di * l_part + si * tl.cdiv(L, BLOCK_N) + ii * t_part) * live
     na2 = ii * j_lo * live
     na3 = ii * (nb - j_hi) * live
     u2 = s0 + j_lo * BLOCK_N

@@ -347,10 +347,9 @@ def _default_config(device: torch.device, head_dim: int, dtype: torch.dtype, seq
     """Launch parameters for `device`. The interpreter (tests): small tiles, so that short sequences cross many
     tile edges; larger ones for long sequences (the interpreter's cost is per tile, not per element)."""
     if device.type != "cuda" or _interpreting():
-        if seq_len >= 1024:
-            return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=1)
-        if seq_len >= 256:
-            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+        if seq_len >= 256:  # 64 / 128 / 256-token tiles from 256 / 512 / 768 tokens
+            t = 256 if seq_len >= 768 else 128 if seq_len >= 512 else 64
+            return dict(BLOCK_M=t, BLOCK_N=t, num_warps=4, num_stages=1)
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     return _arch_config(torch.cuda.get_device_capability(device), head_dim, dtype)
 

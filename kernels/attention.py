@@ -121,6 +121,28 @@ def kernel_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     return why
 
 
+_CHECKED: dict[tuple, Optional[str]] = {}
+
+
+def _checked_verdict(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, txt_len: int, layout: str,
+                     out: Optional[torch.Tensor]) -> Optional[str]:
+    """`_check` (raises on caller errors) and `_kernel_reason` of one call, cached per key: a repeated call costs
+    one key build instead of both checks (the host path of every attention call)."""
+    key = (layout, txt_len, _interpreting(), q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype,
+           k.device, v.shape, v.stride(), v.dtype, v.device, table.shape, table.dtype, table.device,
+           None if out is None else (out.shape, out.dtype, out.device))
+    try:
+        return _CHECKED[key]
+    except KeyError:
+        pass
+    _check(q, k, v, table, txt_len, layout, out)
+    why = _kernel_reason(q, k, v, table.shape[0], layout)
+    if len(_CHECKED) >= _VERDICTS_MAX:
+        _CHECKED.clear()
+    _CHECKED[key] = why
+    return why
+
+
 def _warn_once(why: str) -> None:
     if why not in _warned:
         _warned.add(why)
@@ -166,6 +188,12 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
          scale: Optional[float], out: torch.Tensor, zero_skip: bool) -> None:
     """Both ops' implementation: the kernel where it can run, else the reference (warned once per reason)."""
     why = kernel_unsupported(q, k, v, table.shape[0], layout)
+    _execute(q, k, v, table, txt_len, layout, scale, out, zero_skip, why)
+
+
+def _execute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, txt_len: int, layout: str,
+             scale: Optional[float], out: torch.Tensor, zero_skip: bool, why: Optional[str]) -> None:
+    """`_run` with the verdict known (`why`: None = the kernel runs it)."""
     if why is None:
         from .arrow_triton import arrow_attention_triton
 
@@ -242,7 +270,6 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_tabl
     Tensor of q's shape, layout and dtype (`out` itself when given).
     """
     txt_len = int(txt_len)
-    _check(q, k, v, head_table, txt_len, layout, out)
     if scale is not None:
         scale = float(scale)
         if not math.isfinite(scale):
@@ -250,12 +277,14 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_tabl
     if type(q) is torch.Tensor and not torch.compiler.is_compiling():
         # eager call on plain tensors: the ops' implementation directly (the custom-op dispatcher costs tens of µs
         # of host time per call; the result is the same function)
+        why = _checked_verdict(q, k, v, head_table, txt_len, layout, out)
         if out is None:
             out = torch.empty_like(q)
-            _run(q, k, v, head_table, txt_len, layout, scale, out, zero_skip=True)
+            _execute(q, k, v, head_table, txt_len, layout, scale, out, True, why)
         else:
-            _run(q, k, v, head_table, txt_len, layout, scale, out, zero_skip=False)
+            _execute(q, k, v, head_table, txt_len, layout, scale, out, False, why)
         return out
+    _check(q, k, v, head_table, txt_len, layout, out)
     if out is None:
         return torch.ops.dfav2.arrow_attention(q, k, v, head_table, txt_len, layout, scale)
     torch.ops.dfav2.arrow_attention_out(q, k, v, head_table, txt_len, layout, scale, out)

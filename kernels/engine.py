@@ -233,7 +233,7 @@ def headwise_attention(
     if chosen == "triton":
         why = kernel_unsupported(q, k, v, heads)
         if why is not None:  # e.g. head_dim 96, float64, no CUDA: FlexAttention on CUDA, masked SDPA elsewhere
-            chosen = _fallback_backend(d, device)
+            chosen = _fallback_backend(d, q.dtype, device)
             _warn_once(f"the arrow kernel cannot run {why}; arrow heads run on {chosen} instead")
     if chosen == "sdpa":
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -280,11 +280,12 @@ def _warn_once(message: str) -> None:
         log.warning("DiTFastAttnV2: %s (warned once)", message)
 
 
-def _fallback_backend(head_dim: int, device: torch.device) -> ArrowBackend:
+def _fallback_backend(head_dim: int, dtype: torch.dtype, device: torch.device) -> ArrowBackend:
     """Where arrow heads go when the fused kernel cannot take a call: FlexAttention on CUDA (block-sparse, no L x L
-    mask) for the head dims its kernels are built for (powers of two 16..256), masked SDPA otherwise (exact, any
-    shape, an L x L mask per distinct window)."""
-    if device.type == "cuda" and head_dim >= 16 and head_dim <= 256 and head_dim & (head_dim - 1) == 0:
+    mask) for the head dims and dtypes its kernels are built for (powers of two 16..256; fp16, bf16, fp32), masked
+    SDPA otherwise (exact, any shape and dtype, an L x L mask per distinct window)."""
+    pow2 = 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+    if device.type == "cuda" and pow2 and dtype in (torch.float16, torch.bfloat16, torch.float32):
         return "flex"
     return "sdpa"
 

@@ -136,8 +136,8 @@ def test_torch_compile_fullgraph_traces_the_op():
     got = compiled(q, k, v, table, cached)
     want = layer(q, k, v, table, cached)
     assert counter.frame_count == 1  # one graph, no breaks
-    targets = {str(node.target) for g in counter.graphs for node in g.graph.nodes}
-    assert {"dfav2.arrow_attention", "dfav2.arrow_attention_out"} <= {x.removesuffix(".default") for x in targets}, targets
+    targets = {str(node.target).removesuffix(".default") for g in counter.graphs for node in g.graph.nodes}
+    assert {"dfav2.arrow_attention", "dfav2.arrow_attention_out"} <= targets, targets
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
     got2 = compiled(q, k, v, table, cached * 2)  # new data, same graph
     assert counter.frame_count == 1
@@ -232,3 +232,27 @@ def test_gpu_fallbacks_never_raise(d, dtype):
     ws = [FULL, 62, 31, SKIP]
     o2 = arrow_attention(q, k, v, head_table(ws, "cuda"), 77)
     assert rel(o2[:, :3].cpu(), naive(q.cpu(), k.cpu(), v.cpu(), ws, 77)[:, :3]) <= 1e-2
+
+
+def test_second_import_under_another_name_reuses_the_ops():
+    # ComfyUI imports the pack under its folder name while tests (or a second copy) import it as `dfav2`: the ops
+    # are registered once per process and the second copy uses them
+    import importlib.util
+    import pathlib
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("dfav2_second_copy", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["dfav2_second_copy"] = mod
+    try:
+        spec.loader.exec_module(mod)
+        from dfav2_second_copy.kernels import arrow_attention as again
+
+        q, k, v = make(1, 2, 12, 16, "bhld", seed=12)
+        table = head_table([FULL, 2], "cpu")
+        assert torch.equal(again(q, k, v, table, 3), arrow_attention(q, k, v, table, 3))
+    finally:
+        for name in [n for n in sys.modules if n == "dfav2_second_copy" or n.startswith("dfav2_second_copy.")]:
+            del sys.modules[name]

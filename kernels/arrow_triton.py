@@ -597,14 +597,16 @@ def _compile_for_target(capability: tuple[int, int], *, B: int, H: int, L: int, 
     of 16 get divisibility hints), without a GPU and without launching: CPU tensors stand in for the inputs
     (only shapes, strides, dtypes and alignment matter). Returns Triton's CompiledKernel (asm: ttgir, ptx,
     cubin; metadata.shared: shared memory bytes). Uses Triton-internal API (3.6): a check tool, not a launch
-    path. The module must have been loaded with TRITON_INTERPRET unset."""
+    path. Triton and this module must have been imported with TRITON_INTERPRET unset."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
     fn = _arrow_fwd
-    if not hasattr(fn, "params"):
-        raise RuntimeError("kernel decorated under TRITON_INTERPRET=1; load the module with it unset")
+    if not (hasattr(fn, "params") and hasattr(tl.standard.sum, "params")):
+        # Triton decorates its own library (tl.sum, ...) when it is first imported: both must be real JIT functions
+        raise RuntimeError("Triton or this module was loaded under TRITON_INTERPRET=1; compile in a process that "
+                           "imports Triton with it unset")
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
     backend = make_backend(target)
     x = torch.empty((B, H, L, D) if layout == "bhld" else (B, L, H * D), dtype=dtype)

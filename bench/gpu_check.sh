@@ -8,6 +8,6 @@ mkdir -p "$OUTDIR"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  python3 -m pytest -q -m gpu tests/test_arrow_triton.py tests/test_engine_triton.py -p no:cacheprovider 2>&1 | tee "$OUTDIR/pytest_gpu.log" | tail -25
+  python3 -m pytest -q -m gpu tests/test_arrow_triton.py tests/test_engine_triton.py tests/test_attention_api.py -p no:cacheprovider 2>&1 | tee "$OUTDIR/pytest_gpu.log" | tail -25
 fi
 python3 bench/bench_arrow.py "$OUTDIR/bench_arrow.json" "$@" 2>&1 | tee "$OUTDIR/bench.log"

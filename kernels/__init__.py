@@ -1,8 +1,10 @@
 """Everything that executes attention: the method vocabulary, arrow masks, the cost model, the head-wise
-engine and the fused Triton kernel. Pure torch/Triton; never imports the host (ComfyUI)."""
+engine, the public op `arrow_attention` (``torch.ops.dfav2.arrow_attention``) and the fused Triton kernel behind it.
+Pure torch/Triton; never imports the host (ComfyUI)."""
 
 from __future__ import annotations
 
+from .attention import LAYOUTS, arrow_attention, arrow_attention_reference, head_table, kernel_unsupported
 from .cost import Geometry, decision_flops, grid_tokens, head_cost, image_tokens, kept_pairs, kept_tiles, kernel_tile
 from .engine import (
     CachedHeads,
@@ -17,6 +19,7 @@ from .masks import arrow_block_mask, arrow_keep, arrow_mask_mod
 from .methods import CACHE, FULL, WINDOW_FULL, WINDOW_SKIP, HeadMethod, LayerDecision, MethodKind, arrow
 
 __all__ = [
+    "LAYOUTS",
     "CACHE",
     "FULL",
     "WINDOW_FULL",
@@ -31,6 +34,8 @@ __all__ = [
     "LayerDecision",
     "MethodKind",
     "arrow",
+    "arrow_attention",
+    "arrow_attention_reference",
     "arrow_block_mask",
     "arrow_keep",
     "arrow_mask_mod",
@@ -38,9 +43,11 @@ __all__ = [
     "decision_flops",
     "grid_tokens",
     "head_cost",
+    "head_table",
     "headwise_attention",
     "image_tokens",
     "kept_pairs",
     "kept_tiles",
     "kernel_tile",
+    "kernel_unsupported",
 ]

@@ -131,38 +131,14 @@ def _arrow_fwd(
     sob, soh, sol, sod,
     B, H, L, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
-    USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
-    SCHED: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr, PERSIST: tl.constexpr,
+    USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr,
+    ZERO_SKIP: tl.constexpr,
 ):
+    """One program per work item (head, batch, query tile), long items first (see `_work`)."""
     offs_h, rank, n_full, n_arrow = _rank_heads(HW, H, H_PAD)
-    if PERSIST:
-        # persistent: grid = a few programs per SM; program p takes items p, p + G, p + 2G, ... of the same
-        # long-first order (SCHED = 2). Skipped heads sit at the end of that order and do nothing, so the
-        # walk stops before them.
-        n_qt = tl.cdiv(L, BLOCK_M)
-        n_items = n_qt * B * H
-        if SCHED == 2:
-            n_items = (n_full + n_arrow) * B * n_qt
-        item = tl.program_id(0)
-        step = tl.num_programs(0)
-        if INTERP:
-            while item < n_items:
-                _work(item, offs_h, rank, n_full, n_arrow, Q, K, V, O, HW, qdesc, kdesc, vdesc,
-                      sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
-                      B, H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, H_PAD, USE_TMA, FLAT, IEEE,
-                      SCHED, INTERP, WS)
-                item += step
-        else:
-            for it in range(item, n_items, step):
-                _work(it, offs_h, rank, n_full, n_arrow, Q, K, V, O, HW, qdesc, kdesc, vdesc,
-                      sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
-                      B, H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, H_PAD, USE_TMA, FLAT, IEEE,
-                      SCHED, INTERP, WS)
-    else:
-        _work(tl.program_id(0), offs_h, rank, n_full, n_arrow, Q, K, V, O, HW, qdesc, kdesc, vdesc,
-              sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
-              B, H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, H_PAD, USE_TMA, FLAT, IEEE,
-              SCHED, INTERP, WS)
+    _work(tl.program_id(0), offs_h, rank, n_full, n_arrow, Q, K, V, O, HW, qdesc, kdesc, vdesc,
+          sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+          B, H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, H_PAD, USE_TMA, FLAT, IEEE, INTERP, WS, ZERO_SKIP)
 
 
 @triton.jit
@@ -176,45 +152,35 @@ def _work(
     sob, soh, sol, sod,
     B, H, L, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
-    USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
-    SCHED: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr,
+    USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr,
+    ZERO_SKIP: tl.constexpr,
 ):
     """One work item (head, batch, query tile) -> its output rows."""
     # ---- item -> (head, batch, query tile) ----
     n_qt = tl.cdiv(L, BLOCK_M)
-    if SCHED == 2:
-        # long programs first: [full heads, every query tile] [arrow heads, query tiles with text rows]
-        # [arrow heads, image query tiles (wider bands first)] [skipped heads]. A text-row tile of an arrow
-        # head visits every key tile (as long as a full-head tile); started last it would run alone for
-        # a whole dense program's time after the short band tiles are done.
-        n_tq = tl.minimum(tl.cdiv(T, BLOCK_M), n_qt)
-        n_iq = n_qt - n_tq
-        seg_a = n_full * B * n_qt
-        seg_b = n_arrow * B * n_tq
-        seg_c = n_arrow * B * n_iq
-        in_a = (pid < seg_a).to(tl.int32)
-        in_b = ((pid >= seg_a) & (pid < seg_a + seg_b)).to(tl.int32)
-        in_c = ((pid >= seg_a + seg_b) & (pid < seg_a + seg_b + seg_c)).to(tl.int32)
-        in_d = 1 - in_a - in_b - in_c
-        # integer arithmetic instead of scalar tl.where (keeps scalars 0-d in the interpreter)
-        base = in_b * seg_a + in_c * (seg_a + seg_b) + in_d * (seg_a + seg_b + seg_c)
-        per = in_a * n_qt + in_b * n_tq + in_c * n_iq + in_d * n_qt
-        per = tl.maximum(per, 1)
-        p_loc = pid - base
-        qt = p_loc % per + in_c * n_tq
-        r = p_loc // per
-        b = r % B
-        slot = r // B + (in_b + in_c) * n_full + in_d * (n_full + n_arrow)
-        h = tl.sum(tl.where(rank == slot, offs_h, 0), axis=0)
-    else:
-        qt = pid % n_qt
-        rest = pid // n_qt
-        b = rest % B
-        slot = rest // B
-        if SCHED == 1:  # heavy-first head order, query tile fastest
-            h = tl.sum(tl.where(rank == slot, offs_h, 0), axis=0)
-        else:  # plain head order (benchmark comparison only)
-            h = slot
+    # long programs first: [full heads, every query tile] [arrow heads, query tiles with text rows]
+    # [arrow heads, image query tiles (wider bands first)] [skipped heads]. A text-row tile of an arrow
+    # head visits every key tile (as long as a full-head tile); started last it would run alone for
+    # a whole dense program's time after the short band tiles are done.
+    n_tq = tl.minimum(tl.cdiv(T, BLOCK_M), n_qt)
+    n_iq = n_qt - n_tq
+    seg_a = n_full * B * n_qt
+    seg_b = n_arrow * B * n_tq
+    seg_c = n_arrow * B * n_iq
+    in_a = (pid < seg_a).to(tl.int32)
+    in_b = ((pid >= seg_a) & (pid < seg_a + seg_b)).to(tl.int32)
+    in_c = ((pid >= seg_a + seg_b) & (pid < seg_a + seg_b + seg_c)).to(tl.int32)
+    in_d = 1 - in_a - in_b - in_c
+    # integer arithmetic instead of scalar tl.where (keeps scalars 0-d in the interpreter)
+    base = in_b * seg_a + in_c * (seg_a + seg_b) + in_d * (seg_a + seg_b + seg_c)
+    per = in_a * n_qt + in_b * n_tq + in_c * n_iq + in_d * n_qt
+    per = tl.maximum(per, 1)
+    p_loc = pid - base
+    qt = p_loc % per + in_c * n_tq
+    r = p_loc // per
+    b = r % B
+    slot = r // B + (in_b + in_c) * n_full + in_d * (n_full + n_arrow)
+    h = tl.sum(tl.where(rank == slot, offs_h, 0), axis=0)
     w = tl.load(HW + h)
     skip = w < -1
     m0 = qt * BLOCK_M
@@ -242,11 +208,14 @@ def _work(
     si = straddle.to(tl.int32)
     ii = (1 - di) * (1 - si)
     live = (skip == 0).to(tl.int32)
-    t_part = (T % BLOCK_N != 0).to(tl.int32)
+    # 0/1 flags by integer arithmetic, not `(x % n != 0).to(...)`: Triton compiles an int argument equal to 1
+    # (T = 1, L = 1) as a constant, and a comparison of constants is a Python bool without `.to`
+    t_part = tl.cdiv(T, BLOCK_N) - T // BLOCK_N
+    l_part = tl.cdiv(L, BLOCK_N) - L // BLOCK_N
     nu1 = (di * (L // BLOCK_N) + ii * (T // BLOCK_N)) * live
     nu2 = ii * (j_hi - j_lo) * live
     a1 = di * Lfl + ii * Tfl
-    na1 = (di * (L % BLOCK_N != 0).to(tl.int32) + si * tl.cdiv(L, BLOCK_N) + ii * t_part) * live
+    na1 = (di * l_part + si * tl.cdiv(L, BLOCK_N) + ii * t_part) * live
     na2 = ii * j_lo * live
     na3 = ii * (nb - j_hi) * live
     u2 = s0 + j_lo * BLOCK_N
@@ -315,7 +284,13 @@ def _work(
     # ---- epilogue (padding rows may hold 0/0; they are never stored) ----
     o = acc / l_i[:, None]
     o_ptrs = O + (b.to(tl.int64) * sob + h.to(tl.int64) * soh) + offs_m[:, None] * sol + offs_d[None, :] * sod
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m < L)[:, None] & (skip == 0))
+    if ZERO_SKIP:
+        # functional API: a skipped head's rows come back as zeros (its programs run no key tile: acc = 0, l = 0)
+        o = tl.where(skip, 0.0, o)
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m < L)[:, None])
+    else:
+        # in-place API: a skipped head keeps what `out` held (the caller's cached output)
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m < L)[:, None] & (skip == 0))
 
 
 @triton.jit
@@ -341,23 +316,42 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
-    """Working launch parameters per architecture (used directly off sm90 and as sm90's fallback)."""
-    if device.type != "cuda" or _interpreting():
-        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
-    major, minor = torch.cuda.get_device_capability(device)
-    if dtype == torch.float32:
+#: Largest head count of one launch: every program ranks all heads in an H_PAD x H_PAD register tile.
+MAX_HEADS = 128
+#: Opt-in shared memory per block (bytes) of the architectures `_arch_config` knows; a config must fit.
+SMEM_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448,
+              (10, 0): 232448, (12, 0): 101376}
+
+
+def _arch_config(capability: tuple[int, int], head_dim: int, dtype: torch.dtype) -> dict:
+    """Launch parameters for a GPU of compute `capability` (pure: no device needed; bench/compile_archs.py
+    compiles every entry for its architecture without the GPU). Only sm90 is tuned by measurement
+    (bench/bench_arrow.py --sweep on an H200). The others were chosen on 2026-11-28 from compiles alone (never run):
+    fit the architecture's shared memory, few or no register spills in ptxas -v (kernels/NOTES.md)."""
+    major, minor = capability
+    if dtype == torch.float32:  # tests only (IEEE products)
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    if major == 9:  # offline-tuned on H200 (bench/bench_arrow.py --sweep; kernels/NOTES.md)
+    if major == 9:  # Hopper: TMA loads; warp specialisation of the key loops at D = 128
         if head_dim <= 64:  # 64x64 tiles: 2x the CTAs at SD3 sizes, finer band tiles
             return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=True)
-        # TMA loads, 3 stages (224 KB smem at D = 128), Hopper warp specialization of the key loops
         return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True, WS=True)
-    if major >= 10:
+    if major == 10:  # datacenter Blackwell (sm100/sm103, 228 KB shared memory; Triton emits tcgen05)
         return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
-    if (major, minor) in ((8, 6), (8, 9)):  # ~100 KB shared memory per SM
-        return dict(BLOCK_M=128, BLOCK_N=32 if head_dim == 128 else 64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2 if head_dim == 128 else 3)
+    # sm80 / sm86 / sm89 / sm120 (mma.sync, pointer loads; 100-164 KB shared memory): 64 x 64 tiles of 4 warps. The
+    # former 128-row tiles of 4 warps spilled at D = 128 (sm80: 44 KB of spills; sm86: 0.7-4 KB); 64 x 64 spills at
+    # most 64 B and leaves room for 2 stages at D = 128 (56 KB) and 3 at D <= 64 (40 KB) within sm86's 99 KB.
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3 if head_dim <= 64 else 2)
+
+
+def _default_config(device: torch.device, head_dim: int, dtype: torch.dtype, seq_len: int = 0) -> dict:
+    """Launch parameters for `device`. The interpreter (tests): small tiles, so that short sequences cross many
+    tile edges; larger ones for long sequences (the interpreter's cost is per tile, not per element)."""
+    if device.type != "cuda" or _interpreting():
+        if seq_len >= 256:  # 64 / 128 / 256-token tiles from 256 / 512 / 768 tokens
+            t = 256 if seq_len >= 768 else 128 if seq_len >= 512 else 64
+            return dict(BLOCK_M=t, BLOCK_N=t, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    return _arch_config(torch.cuda.get_device_capability(device), head_dim, dtype)
 
 
 def _strides_4d(x: torch.Tensor, layout: str, H: int, D: int) -> tuple[int, int, int, int]:
@@ -368,42 +362,80 @@ def _strides_4d(x: torch.Tensor, layout: str, H: int, D: int) -> tuple[int, int,
     return (sb, D * sc, sl, sc)
 
 
+def _geometry(q: torch.Tensor, H: int, layout: str) -> tuple[int, int, int]:
+    """(B, L, D) of q in `layout` (shapes only)."""
+    if layout == "bhld":
+        return q.shape[0], q.shape[2], q.shape[3]
+    return q.shape[0], q.shape[1], q.shape[2] // max(H, 1)
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, layout: str = "bhld",
+                       device_check: bool = True) -> str | None:
+    """Why this kernel cannot run attention on these inputs (None: it can), from shapes, strides, dtypes and
+    devices only (no device sync). Callers route such calls elsewhere; `arrow_attention_triton` raises."""
+    if layout not in ("bhld", "blhd_flat"):
+        return f"layout {layout!r} (the kernel takes 'bhld' or 'blhd_flat')"
+    want_dim = 4 if layout == "bhld" else 3
+    if any(x.dim() != want_dim for x in (q, k, v)):
+        return f"q, k, v are not {want_dim}-D for layout {layout!r}"
+    if not (q.shape == k.shape == v.shape):
+        return f"q, k, v differ in shape ({tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; Lq != Lk?)"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (the kernel takes one of float16, bfloat16, float32)"
+    if device_check:
+        if not (q.device == k.device == v.device):
+            return "q, k, v are on different devices"
+        if q.device.type != "cuda" and not _interpreting():
+            return f"tensors on {q.device.type} (the kernel needs CUDA, or TRITON_INTERPRET=1)"
+        if q.device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(q.device) < (8, 0):
+            return "a GPU below sm80 (the kernel needs bf16/fp16 mma.sync of sm80 or later)"
+    if not 1 <= heads <= MAX_HEADS:
+        return f"{heads} heads (the kernel takes 1..{MAX_HEADS})"
+    if layout == "blhd_flat" and q.shape[-1] % heads:
+        return f"last dim {q.shape[-1]} is not a multiple of {heads} heads"
+    if layout == "bhld" and q.shape[1] != heads:
+        return f"q has {q.shape[1]} heads, the head table {heads}"
+    B, L, D = _geometry(q, heads, layout)
+    if D not in _SUPPORTED_HEAD_DIMS:
+        return f"head_dim {D} (the kernel takes {', '.join(map(str, _SUPPORTED_HEAD_DIMS))})"
+    for x in (q, k, v):
+        if layout == "blhd_flat" and x.stride(-1) != 1:
+            return "blhd_flat tensors need a contiguous last dim"
+        # rows inside one (batch, head) are addressed with 32-bit offsets (batch and head bases are 64-bit)
+        st = _strides_4d(x, layout, heads, D)
+        if (L - 1) * abs(st[2]) + (D - 1) * abs(st[3]) >= 2**31:
+            return "a (batch, head) slice spans more than 2^31 elements"
+    return None
+
+
 def _validate(q, k, v, head_window, txt_len, layout, out):
+    """Shapes, dtypes, devices and txt_len of a launch; returns (B, H, L, D). Raises ValueError."""
     if layout not in ("bhld", "blhd_flat"):
         raise ValueError(f"layout must be 'bhld' or 'blhd_flat', got {layout!r}")
-    want_dim = 4 if layout == "bhld" else 3
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != want_dim:
-            raise ValueError(f"{name} must be {want_dim}-D for layout {layout!r}, got shape {tuple(x.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must have one shape (Lq == Lk), got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
-    if not (q.device == k.device == v.device == head_window.device):
-        raise ValueError(f"q, k, v and head_window must be on one device, got {q.device}, {k.device}, "
-                         f"{v.device}, {head_window.device}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"tensors are on {q.device}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1)")
     if head_window.dtype != torch.int32 or head_window.dim() != 1:
         raise ValueError(f"head_window must be a 1-D int32 tensor [H], got {head_window.dtype} "
                          f"{tuple(head_window.shape)}")
     H = head_window.shape[0]
-    if layout == "bhld":
-        B, Hq, L, D = q.shape
-        if Hq != H:
-            raise ValueError(f"head_window has {H} entries but q has {Hq} heads")
-    else:
-        B, L, HD = q.shape
-        if H == 0 or HD % H:
-            raise ValueError(f"blhd_flat: last dim {HD} is not a multiple of the {H} heads in head_window")
-        D = HD // H
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != (4 if layout == "bhld" else 3):
+            raise ValueError(f"{name} must be {4 if layout == 'bhld' else 3}-D for layout {layout!r}, got shape "
+                             f"{tuple(x.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have one shape (Lq == Lk), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.device == k.device == v.device == head_window.device):
+        raise ValueError(f"q, k, v and head_window must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}, {head_window.device}")
+    if layout == "bhld" and q.shape[1] != H:
+        raise ValueError(f"head_window has {H} entries but q has {q.shape[1]} heads")
+    if layout == "blhd_flat" and (H == 0 or q.shape[-1] % H):
+        raise ValueError(f"blhd_flat: last dim {q.shape[-1]} is not a multiple of the {H} heads in head_window")
+    B, L, D = _geometry(q, H, layout)
     if D not in _SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim {D} not supported; expected one of {_SUPPORTED_HEAD_DIMS}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if (layout == "blhd_flat" and x.stride(-1) != 1):
-            raise ValueError(f"blhd_flat: {name} must have a contiguous last dim, got strides {x.stride()}")
+    why = unsupported_reason(q, k, v, H, layout, device_check=False)
+    if why is not None:
+        raise ValueError(f"the arrow kernel cannot run this call: {why}")
     if not 0 <= int(txt_len) <= L:
         raise ValueError(f"txt_len must be in [0, L={L}], got {txt_len}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
@@ -411,10 +443,13 @@ def _validate(q, k, v, head_window, txt_len, layout, out):
                          f"{tuple(out.shape)}, {out.dtype}, {out.device}")
     if out is not None and layout == "blhd_flat" and out.stride(-1) != 1:
         raise ValueError(f"blhd_flat: out must have a contiguous last dim, got strides {out.stride()}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"tensors are on {q.device}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1)")
     return B, H, L, D
 
 
-def _tma_ok(xs, layout: str) -> bool:
+def _tma_ok(xs) -> bool:
+    """TMA descriptor rules: 16-byte aligned base and 16-byte multiples for every stride but the last (= 1)."""
     for x in xs:
         if x.stride(-1) != 1 or x.data_ptr() % 16:
             return False
@@ -434,14 +469,29 @@ def _descriptor(x, layout: str, H: int, D: int, block_rows: int):
     return TensorDescriptor(x, [B, L, H, D], [sb, sl, D, 1], [1, block_rows, 1, D])
 
 
-def _sm_count(device: torch.device) -> int:
-    n = _SM_COUNT.get(device.index)
-    if n is None:
-        n = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n
-
-
-_SM_COUNT: dict = {}
+def _kernel_args(q, k, v, out, head_window, txt_len: int, layout: str, sm_scale, cfg: dict, *, use_tma: bool,
+                 interp: bool, zero_skip: bool):
+    """(grid, positional args, launch options) of `_arrow_fwd` for these tensors and config: the one place that
+    turns a call into kernel arguments (`_launch` and the target compile check `_compile_for_target` share it)."""
+    H = head_window.shape[0]
+    B, L, D = _geometry(q, H, layout)
+    cfg = dict(cfg)
+    BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    cfg.pop("TMA", None)
+    ws = bool(cfg.pop("WS", False)) and not interp
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    descs = [_descriptor(x, layout, H, D, bm) for x, bm in ((q, BM), (k, BN), (v, BN))] if use_tma else [None] * 3
+    grid = (max(triton.cdiv(L, BM) * B * H, 1), 1, 1)
+    args = (
+        q, k, v, out, head_window, *descs,
+        *_strides_4d(q, layout, H, D), *_strides_4d(k, layout, H, D),
+        *_strides_4d(v, layout, H, D), *_strides_4d(out, layout, H, D),
+        B, H, L, int(txt_len), float(sm_scale) * _LOG2E,
+        D, BM, BN, max(triton.next_power_of_2(H), 2),
+        use_tma, layout == "blhd_flat", q.dtype == torch.float32 or interp, interp, ws, zero_skip,
+    )
+    return grid, args, cfg  # cfg now holds num_warps, num_stages
 
 
 class _Plan:
@@ -455,83 +505,57 @@ _PLANS: dict = {}
 _PLANS_MAX = 256
 
 
-def _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, heavy_first, sched):
+def _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip):
     cfg_key = None if config is None else tuple(sorted(config.items()))
     o_key = None if out is None else (out.shape, out.stride(), out.dtype, out.device, out.data_ptr() % 16)
     dev = q.device
     cur = torch.cuda.current_device() if dev.type == "cuda" else -1
-    return (layout, txt_len, sm_scale, cfg_key, use_tma, heavy_first, sched, cur,
+    return (layout, txt_len, sm_scale, cfg_key, use_tma, zero_skip, cur,
             q.shape, q.stride(), q.dtype, dev, q.data_ptr() % 16,
             k.shape, k.stride(), k.dtype, k.device, k.data_ptr() % 16,
             v.shape, v.stride(), v.dtype, v.device, v.data_ptr() % 16,
             head_window.shape, head_window.dtype, head_window.device, head_window.data_ptr() % 16, o_key)
 
 
-def _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, heavy_first, sched):
+def _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip):
     B, H, L, D = _validate(q, k, v, head_window, txt_len, layout, out)
     plan = _Plan()
     plan.runner = None
     plan.device_index = q.device.index
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(D)
+    plan.empty = B * H * L == 0
     if out is None:
         out = torch.empty_like(q)  # same strides as the tensor each later call allocates (key has q's)
-    cfg = dict(config) if config is not None else _default_config(q.device, D, q.dtype)
-    BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    use_tma = cfg.pop("TMA", False) if use_tma is None else use_tma
-    ws = bool(cfg.pop("WS", False)) and not _interpreting()
-    if sched is None:
-        sched = cfg.pop("SCHED", 2) if heavy_first else 0
-    cfg.pop("SCHED", None)
-    # Persistent programs per SM (0: one program per work item, the default: NOTES.md, sessions 3 and 4).
-    persist = cfg.pop("PERSIST", 0)
-    persist_grid = cfg.pop("PERSIST_GRID", None)  # explicit program count (tests)
-    flat = layout == "blhd_flat"
-    use_tma = bool(use_tma) and q.device.type == "cuda" and not _interpreting() and _tma_ok((q, k, v), layout)
-    if use_tma:
-        descs = [_descriptor(x, layout, H, D, bm) for x, bm in ((q, BM), (k, BN), (v, BN))]
-    else:
-        descs = [None, None, None]
+    cfg = dict(config) if config is not None else _default_config(q.device, D, q.dtype, L)
+    interp = _interpreting()
+    use_tma = cfg.get("TMA", False) if use_tma is None else use_tma
+    use_tma = (bool(use_tma) and not plan.empty and q.device.type == "cuda" and not interp
+               and torch.cuda.get_device_capability(q.device) >= (9, 0) and _tma_ok((q, k, v)))
+    plan.grid, args, plan.opts = _kernel_args(q, k, v, out, head_window, txt_len, layout, sm_scale, cfg,
+                                              use_tma=use_tma, interp=interp, zero_skip=zero_skip)
+    plan.tail = args[5:]
+    descs = list(args[5:8])
     plan.descs = descs if use_tma else None
-    plan.empty = B * H * L == 0
-    n_items = triton.cdiv(L, BM) * B * H
-    if persist_grid is not None:
-        n_prog = int(persist_grid)
-    else:
-        n_prog = int(persist) * _sm_count(q.device) if persist and q.device.type == "cuda" else 0
-    n_prog = min(n_prog, n_items)
-    plan.grid = (max(n_prog if n_prog > 0 else n_items, 1), 1, 1)
-    plan.tail = (
-        *descs,
-        *_strides_4d(q, layout, H, D), *_strides_4d(k, layout, H, D),
-        *_strides_4d(v, layout, H, D), *_strides_4d(out, layout, H, D),
-        B, H, L, int(txt_len), float(sm_scale) * _LOG2E,
-        D, BM, BN, max(triton.next_power_of_2(H), 2),
-        use_tma, flat, q.dtype == torch.float32 or _interpreting(),
-        int(sched), _interpreting(), ws, n_prog > 0,
-    )
-    plan.opts = cfg  # num_warps, num_stages
     for d in descs:  # the plan keeps no tensor alive
         if d is not None:
             d.base = None
     return plan
 
 
-def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, use_tma=None,
-            heavy_first=True, sched=None, fast=True):
+def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, use_tma=None, fast=True,
+            zero_skip=False):
     """Private launcher (tests and the benchmark pass explicit configs here).
 
     The first call for a key (shapes, strides, dtypes, devices, 16-byte alignment, txt_len, sm_scale,
     layout, config) validates the inputs, builds the TMA descriptors and launches through Triton's JIT
     (compiling if needed); later calls with the same key re-point the cached descriptors at the new
     tensors and call the compiled kernel's launcher directly. fast=False: rebuild the plan every call.
+    zero_skip: skipped heads are written as zeros instead of being left alone.
     """
     txt_len = int(txt_len)
-    key = _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, heavy_first, sched)
+    key = _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip)
     plan = _PLANS.get(key) if fast else None
     if plan is None:
-        plan = _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma,
-                           heavy_first, sched)
+        plan = _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip)
         if fast:
             if len(_PLANS) >= _PLANS_MAX:
                 _PLANS.clear()
@@ -565,10 +589,43 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
     return out
 
 
+def _compile_for_target(capability: tuple[int, int], *, B: int, H: int, L: int, T: int, D: int,
+                        dtype: torch.dtype = torch.bfloat16, layout: str = "bhld", config: dict | None = None,
+                        zero_skip: bool = False):
+    """Compile `_arrow_fwd` for an NVIDIA GPU of compute `capability` exactly as `_launch` would call it there
+    (same config choice, argument list and Triton specialisation: ints equal to 1 become constants, multiples
+    of 16 get divisibility hints), without a GPU and without launching: CPU tensors stand in for the inputs
+    (only shapes, strides, dtypes and alignment matter). Returns Triton's CompiledKernel (asm: ttgir, ptx,
+    cubin; metadata.shared: shared memory bytes). Uses Triton-internal API (3.6): a check tool, not a launch
+    path. Triton and this module must have been imported with TRITON_INTERPRET unset."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = _arrow_fwd
+    if not (hasattr(fn, "params") and hasattr(tl.standard.sum, "params")):
+        # Triton decorates its own library (tl.sum, ...) when it is first imported: both must be real JIT functions
+        raise RuntimeError("Triton or this module was loaded under TRITON_INTERPRET=1; compile in a process that "
+                           "imports Triton with it unset")
+    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+    backend = make_backend(target)
+    x = torch.empty((B, H, L, D) if layout == "bhld" else (B, L, H * D), dtype=dtype)
+    hw = torch.empty(H, dtype=torch.int32)
+    cfg = dict(config) if config is not None else _arch_config(capability, D, dtype)
+    use_tma = bool(cfg.get("TMA", False)) and capability >= (9, 0) and _tma_ok((x,))
+    _, args, opts = _kernel_args(x, x, x, x, hw, T, layout, None, cfg, use_tma=use_tma, interp=False,
+                                 zero_skip=zero_skip)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **opts)
+    options, signature, constexprs, attrs = fn._pack_args(backend, opts, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
 def arrow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_window: torch.Tensor,
                            txt_len: int, *, layout: str = "bhld", sm_scale: float | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """Head-wise arrow attention for a text-first sequence, all heads of a layer in one launch.
+                           out: torch.Tensor | None = None, zero_skip: bool = False) -> torch.Tensor:
+    """Head-wise arrow attention for a text-first sequence, all heads of a layer in one launch (the kernel
+    entry point; the public, torch.compile-able API is `kernels.attention.arrow_attention`).
 
     Parameters
     ----------
@@ -576,7 +633,8 @@ def arrow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
         ``layout="bhld"``: ``[B, H, L, D]`` (any strides, e.g. ComfyUI Flux views);
         ``layout="blhd_flat"``: ``[B, L, H*D]`` (ComfyUI SD3; last dim contiguous), read through strides,
         never copied. float16 / bfloat16 (float32 for tests), one CUDA device (or CPU under
-        ``TRITON_INTERPRET=1``). ``L = txt_len + N``: text tokens first. ``D`` in {16, 32, 64, 128}.
+        ``TRITON_INTERPRET=1``). ``L = txt_len + N``: text tokens first. ``D`` in {16, 32, 64, 128};
+        ``H <= MAX_HEADS``. `unsupported_reason` says why other inputs are refused.
     head_window : Tensor
         int32 ``[H]`` on the same device, per head: ``-1`` full attention; ``-2`` skip (cached head:
         nothing is written for it); ``w >= 0`` arrow with half-width ``w`` tokens, i.e.
@@ -588,10 +646,12 @@ def arrow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     out : Tensor, optional
         Same shape, dtype and layout as ``q``; written in place. Skipped heads keep what it held (the
         caller pre-fills the cache there). If ``None`` a new tensor is returned whose skipped heads are
-        uninitialised.
+        uninitialised (zeros with ``zero_skip``).
+    zero_skip : bool
+        Write zeros for skipped heads instead of leaving them alone.
 
     Returns
     -------
     Tensor in the input layout and dtype (fp32 accumulation).
     """
-    return _launch(q, k, v, head_window, txt_len, layout, sm_scale, out)
+    return _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip=zero_skip)

@@ -113,6 +113,7 @@ def image_tokens(width: int, height: int, *, vae_scale: int = 8, patch: int = 2)
 
 def kernel_tile(head_dim: int) -> int:
     """Query/key tile (tokens) that the fused kernel uses for `head_dim` on the GPUs it is tuned for (sm90:
-    64 × 64 tiles for head_dim <= 64, 128 × 128 above; kernels/arrow_triton.py `_default_config`). The cost
-    model, the calibration search and every summary count tiles with this rule."""
+    64 × 64 tiles for head_dim <= 64, 128 × 128 above; kernels/arrow_triton.py `_arch_config`; the untuned
+    sm80/86/89/120 configs use 64 × 64 everywhere). The cost model, the calibration search and every summary count
+    tiles with this rule."""
     return 64 if head_dim <= 64 else 128

@@ -10,6 +10,7 @@ per-head BlockMask, masked SDPA, or the Triton kernel), cached heads are pasted 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
@@ -17,6 +18,7 @@ from typing import Literal, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
+from .attention import arrow_attention, kernel_unsupported
 from .cost import kept_pairs
 from .masks import arrow_block_mask, arrow_keep
 from .methods import FULL, WINDOW_FULL, WINDOW_SKIP, LayerDecision, MethodKind
@@ -39,6 +41,8 @@ __all__ = [
     "headwise_attention",
     "available_backends",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Dense attention on [B, h, L, D] -> [B, h, L, D] (e.g. the host's own backend).
 DenseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -261,6 +265,11 @@ def headwise_attention(
     device = q.device
     n_img = seq - txt_len
     chosen = _resolve_backend(backend, device)
+    if chosen == "triton":
+        why = kernel_unsupported(q, k, v, heads)
+        if why is not None:  # e.g. head_dim 96, float64, no CUDA: FlexAttention on CUDA, masked SDPA elsewhere
+            chosen = _fallback_backend(d, q.dtype, device)
+            _warn_once(f"the arrow kernel cannot run {why}; arrow heads run on {chosen} instead")
     if chosen == "sdpa":
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         for factor, group in decision.arrow_groups:
@@ -271,25 +280,55 @@ def headwise_attention(
         block_mask = tables.block_mask(txt_len, seq, decision.windows(n_img), device)
         out = _flex_fn(device.type == "cuda")(q, k, v, block_mask=block_mask, scale=scale)
     elif chosen == "triton":
-        from .arrow_triton import arrow_attention_triton
-
-        # One launch for full and arrow heads; cached heads are skipped by the kernel and pasted below.
+        # One launch for full and arrow heads; the kernel leaves the skipped (cached) heads of `out` alone, so the
+        # cached outputs are pasted first. With `full_by_dense` the full heads are skipped too and `dense` runs them.
         windows = decision.windows(n_img)
         if full_by_dense:
             windows = tuple(WINDOW_SKIP if w == WINDOW_FULL else w for w in windows)
-        out = arrow_attention_triton(q, k, v, tables.window_table(windows, device), txt_len, sm_scale=scale)
+        out = torch.empty_like(q)
+        _paste_cached(out, decision, cached, tables, device)
+        arrow_attention(q, k, v, tables.window_table(windows, device), txt_len, scale=scale, out=out)
+        if full_by_dense and decision.full_heads:
+            idx = tables.index(decision.full_heads, device)
+            out[:, idx] = dense_fn(q[:, idx], k[:, idx], v[:, idx])
+        return out, hit
     else:
         raise ValueError(f"unknown arrow backend {backend!r}")
 
-    if decision.full_heads and (chosen != "triton" or full_by_dense):
+    if decision.full_heads:
         idx = tables.index(decision.full_heads, device)
         out[:, idx] = dense_fn(q[:, idx], k[:, idx], v[:, idx])
+    _paste_cached(out, decision, cached, tables, device)
+    return out, hit
+
+
+def _paste_cached(out: torch.Tensor, decision: LayerDecision, cached: CachedHeads | None, tables: KernelTables,
+                  device: torch.device) -> None:
     if decision.cache_heads:
         assert cached is not None  # guaranteed by _cache_usable
         idx = tables.index(decision.cache_heads, device)
         src = tables.index(tuple(cached.heads.index(h) for h in decision.cache_heads), device)
         out[:, idx] = cached.values[:, src]
-    return out, hit
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log `message` once per process (a fallback that repeats every call is said once)."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("DiTFastAttnV2: %s (warned once)", message)
+
+
+def _fallback_backend(head_dim: int, dtype: torch.dtype, device: torch.device) -> ArrowBackend:
+    """Where arrow heads go when the fused kernel cannot take a call: FlexAttention on CUDA (block-sparse, no L x L
+    mask) for the head dims and dtypes its kernels are built for (powers of two 16..256; fp16, bf16, fp32), masked
+    SDPA otherwise (exact, any shape and dtype, an L x L mask per distinct window)."""
+    pow2 = 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+    if device.type == "cuda" and pow2 and dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return "flex"
+    return "sdpa"
 
 
 class PlanLike(Protocol):

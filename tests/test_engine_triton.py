@@ -27,11 +27,21 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def check(b, h, t, n, d, dtype, device, seed, tol):
+def qkv(b, h, seq, d, dtype, device, g, sd3=False):
+    """q, k, v [B, H, L, D] as the engine receives them: Flux's [B, H, L, D] tensors, or (sd3) ComfyUI SD3's
+    [B, L, H*D] inputs viewed as [B, L, H, D] and transposed (strides (L*H*D, D, H*D, 1))."""
+    if sd3:
+        return [torch.randn(b, seq, h * d, generator=g).to(device, dtype).view(b, seq, h, d).transpose(1, 2)
+                for _ in range(3)]
+    return [torch.randn(b, h, seq, d, generator=g).to(device, dtype) for _ in range(3)]
+
+
+def check(b, h, t, n, d, dtype, device, seed, tol, sd3=False, decision=None):
     rng = random.Random(seed)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    q, k, v = (torch.randn(b, h, t + n, d, generator=g).to(device, dtype) for _ in range(3))
-    decision = LayerDecision(tuple(rng.choice(CHOICES) for _ in range(h)))
+    q, k, v = qkv(b, h, t + n, d, dtype, device, g, sd3)
+    if decision is None:
+        decision = LayerDecision(tuple(rng.choice(CHOICES) for _ in range(h)))
     stored = torch.randn(b, len(decision.cache_heads), t + n, d, generator=g).to(device, dtype)
     cached = CachedHeads(decision.cache_heads, stored)
     fast, hit = headwise_attention(q, k, v, t, decision, cached=cached, backend="triton")
@@ -54,3 +64,28 @@ def test_triton_path_matches_reference_engine_on_cpu(shape):
 @pytest.mark.parametrize("shape", [(1, 24, 256, 4096, 128), (2, 24, 154, 4096, 64), (1, 24, 333, 1000, 128)])
 def test_triton_path_matches_reference_engine_on_gpu(shape):
     check(*shape, torch.bfloat16, "cuda", seed=sum(shape), tol=1e-2)
+
+
+# issue 10 item 3: every text length of T = 0, 1, 2, 77, 154, 333 with N = 1, 129, 1000 image tokens, both layouts
+# as the engine receives them (Flux [B, H, L, D]; SD3 [B, L, H*D] viewed as [B, H, L, D]), batch 1 and 2
+ODD = [(t, n) for t in (0, 1, 2, 77, 154, 333) for n in (1, 129, 1000)]
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter tier runs only without CUDA")
+@pytest.mark.parametrize("t,n", ODD)
+def test_odd_lengths_match_reference_engine_on_cpu(t, n):
+    d = 128 if (t, n) == (77, 129) else 64
+    # one full, one cached and one arrow head per case, in varying order
+    mixes = [(FULL, CACHE, arrow(8)), (arrow(2), FULL, CACHE), (CACHE, arrow(8), FULL), (arrow(16), CACHE, FULL)]
+    decision = LayerDecision(mixes[(t + n) % 4])
+    check(2 if t + n < 256 else 1, 3, t, n, d, torch.float32, "cpu", seed=t * 1009 + n, tol=1e-5,
+          sd3=(t + n) % 2 == 0, decision=decision)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERP, reason="needs CUDA")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("t,n", ODD)
+def test_odd_lengths_match_reference_engine_on_gpu(t, n, d):
+    check(2 if n == 129 else 1, 24 if d == 128 else 38, t, n, d, torch.bfloat16, "cuda", seed=t * 1009 + n + d,
+          tol=1e-2, sd3=(t + n) % 2 == 0)

@@ -91,6 +91,20 @@ class DFAPatch(HostPatch):
         return f"DFAPatch({self.label or self.plan.description or 'plan'}, {self.layout.signature.describe()})"
 
 
+_PREFERRED_WARNED: list[bool] = []
+
+
+def _warn_preferred_attention_once() -> None:
+    """Once per process: this host drops a checkpoint's preferred attention backend before any override."""
+    if not _PREFERRED_WARNED:
+        _PREFERRED_WARNED.append(True)
+        log.warning(
+            "DiTFastAttnV2: this ComfyUI does not hand a checkpoint's preferred attention backend to attention "
+            "overrides, so under DFAApply the heads the plan keeps full run the global backend, not the "
+            "checkpoint's own (e.g. int8). To choose it, place a Model Attention Backend node before DFAApply or "
+            "start ComfyUI with that backend's flag.")
+
+
 def _check_plan_fits(plan: Plan, layout: Layout) -> None:
     problem = plan.model.mismatch(layout.signature)
     if problem is not None:
@@ -142,6 +156,8 @@ def apply_dfa(
     if err:
         raise RuntimeError(err)
     _check_plan_fits(plan, layout)
+    if support.preferred_attention == "stripped":
+        _warn_preferred_attention_once()
     recorded = plan.calibration.weights if plan.calibration is not None else None
     if recorded is not None:
         mine = weights_fingerprint(model)

@@ -23,6 +23,7 @@ from ..calibration.plan import LayerSpec
 from ..kernels.engine import AttentionConsumer, CallContext
 from ..kernels.methods import MethodKind
 from .layouts import Layout, Reason
+from .peers import describe_override
 
 __all__ = ["dense_reason", "Run", "RunSummary", "ForwardRecord", "Forward", "TO_FORWARD"]
 
@@ -128,6 +129,7 @@ class RunSummary:
     fallbacks: dict[str, int]
     kept_flops: int
     dense_flops: int
+    dense_by: str | None = None  # the chained override that ran the full heads and dense calls (None: the host's)
 
     @property
     def flops_saved(self) -> float:
@@ -138,17 +140,18 @@ class RunSummary:
         share = " / ".join(f"{k} {100.0 * v / total:.0f}%" for k, v in self.heads.items())
         fb = sum(self.fallbacks.values())
         reasons = f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.fallbacks.items()))})" if fb else ""
+        dense_by = f"; full heads and dense calls ran {self.dense_by}" if self.dense_by else ""
         return (
             f"DiTFastAttnV2: {len(self.forwards)} forwards, {self.attention_calls} attention calls; heads {share}; "
             f"cache hits {self.cache_hits}, misses {self.cache_misses}; est. attention FLOPs saved "
-            f"{100.0 * self.flops_saved:.1f}%; dense fallbacks {fb}{reasons}"
+            f"{100.0 * self.flops_saved:.1f}%; dense fallbacks {fb}{reasons}{dense_by}"
         )
 
 
 class Forward:
     """Per model forward (one apply_model call): geometry, plan position, cache key, SD3 layer counter."""
 
-    __slots__ = ("run", "position", "txt_len", "n_img", "key", "next_layer", "reason")
+    __slots__ = ("run", "position", "txt_len", "n_img", "key", "next_layer", "reason", "calls_before")
 
     def __init__(self, run: Run, position: int | None, txt_len: int, n_img: int, key: Hashable,
                  reason: Reason | None) -> None:
@@ -159,6 +162,9 @@ class Forward:
         self.key = key
         self.next_layer = 0
         self.reason = reason
+        # The run's call counter when the forward began: end_forward compares the calls that reached the
+        # override with the model's layers (a shared counter: concurrent forwards only over-count, never under-).
+        self.calls_before = run.attention_calls
 
 
 # ----------------------------------------------------------------------------------------------------- run
@@ -212,15 +218,15 @@ class Run:
                     c = self.consumers[device] = self._consumer_for(device)
         return c
 
-    def warn_once(self, key: str, message: str, *args: Any) -> None:
+    def warn_once(self, key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
         with self._lock:
             first = key not in self._warned
             self._warned.add(key)
         if first:
-            log.warning(message, *args)
+            log.log(level, message, *args)
 
-    def fallback(self, reason: Reason) -> None:
-        self.fallbacks[reason.kind] += 1
+    def fallback(self, reason: Reason, calls: int = 1) -> None:
+        self.fallbacks[reason.kind] += calls
         self.warn_once(reason.kind, "DiTFastAttnV2: %s; using the host's dense attention (warned once per run)", reason)
 
     # -- forwards ------------------------------------------------------------------------------------------
@@ -269,7 +275,18 @@ class Run:
 
     @_no_compile
     def end_forward(self, fwd: Forward) -> None:
-        if self.layout.counts_calls and fwd.reason is None and fwd.next_layer not in (0, len(self.layers)):
+        seen, layers = self.attention_calls - fwd.calls_before, len(self.layers)
+        if seen < layers:
+            # Calls that never reached the override ran without the plan, e.g. an override that took the slot and
+            # does not chain to us, a block replace that skips blocks (Skip Layer Guidance), or a block patch that
+            # computes attention itself.
+            self.fallback(Reason(
+                "missed calls",
+                f"a forward reached DiTFastAttnV2 with {seen} of the model's {layers} attention calls (blocks skipped, "
+                "e.g. by Skip Layer Guidance, or attention computed by another node without the override slot); "
+                "the missing calls ran without the plan",
+            ), layers - seen)
+        elif self.layout.counts_calls and fwd.reason is None and fwd.next_layer not in (0, len(self.layers)):
             self.fallback(Reason(
                 "layer count",
                 f"a forward made {fwd.next_layer} attention calls but the model has {len(self.layers)} attention "
@@ -304,8 +321,14 @@ class Run:
         local = self._local
         local.depth = getattr(local, "depth", 0) + 1
         try:
-            if self.prev is not None:
+            if self.prev is not None:  # the host's precedence: an override wins over a preferred backend
                 return self.prev(func, *args, **kwargs)
+            if "preferred_attention" in kwargs:
+                # A checkpoint's own backend choice (hosts that hand it to overrides): honour it like the host would.
+                kwargs = dict(kwargs)
+                preferred = getattr(kwargs.pop("preferred_attention"), "function", None)
+                if preferred is not None:
+                    return preferred(*args, **kwargs)
             return func(*args, **kwargs)
         finally:
             local.depth -= 1
@@ -398,6 +421,7 @@ class Run:
             fallbacks=dict(self.fallbacks),
             kept_flops=kept,
             dense_flops=dense,
+            dense_by=describe_override(self.prev) if self.prev is not None else None,
         )
         self.release()
         self.consumers.clear()

@@ -168,8 +168,13 @@ def test_sd3_layer_counter_and_block_replace():
     fwd, to = _forward(run)
     q = torch.randn(1, T + N, 32)
     run(host_attention, q, q, q, heads=2, transformer_options=to)
-    run.end_forward(fwd)  # one call of two layers: the counter is off
-    assert run.fallbacks["layer count"] == 1
+    run.end_forward(fwd)  # one call of two layers: a call never reached the override
+    assert run.fallbacks == {"missed calls": 1}
+    fwd, to = _forward(run)
+    for _ in range(3):
+        run(host_attention, q, q, q, heads=2, transformer_options=to)
+    run.end_forward(fwd)  # three calls of two layers: a block ran twice, the counter is off
+    assert run.fallbacks["layer count"] == 1 and run.fallbacks["unknown layer"] == 1
     fwd, to = _forward(run, patches_replace={"dit": {("double_block", 0): object()}})
     assert fwd.reason is not None and fwd.reason.kind == "block replace"
     run(host_attention, q, q, q, heads=2, transformer_options=to)
@@ -182,3 +187,45 @@ def test_calls_outside_a_forward_run_the_host_backend():
     assert torch.equal(run(host_attention, q, k, v, 2, skip_reshape=True, transformer_options={}),
                        host_attention(q, k, v, 2, skip_reshape=True))
     assert run.finish().engine_calls == 0
+
+
+def test_a_forward_with_fewer_calls_than_layers_counts_the_missing_calls(caplog):
+    """Calls that never reach the override (an override on top that does not chain, skipped blocks) ran without
+    the plan: counted per missing call, warned once per run; complete forwards add nothing."""
+    run = _run(FLUX, _plan(FLUX, FULL))
+    q, k, v = flux_qkv()
+    with caplog.at_level(logging.WARNING, logger="dfav2.nodes"):
+        for blocks in (("double", "single"), ("double",), (), ("double",)):
+            fwd, to = _forward(run)
+            for bt in blocks:
+                run(host_attention, q, k, v, 2, skip_reshape=True,
+                    transformer_options={**to, "block_type": bt, "block_index": 0})
+            run.end_forward(fwd)
+    s = run.finish()
+    assert s.fallbacks == {"missed calls": 1 + 2 + 1}
+    assert len([r for r in caplog.records if "2 attention calls" in r.getMessage()]) == 1
+
+
+def test_dense_path_honours_a_preferred_attention_unless_an_override_is_chained():
+    """A checkpoint's preferred backend reaches the dense path on hosts that pass it to overrides; a chained
+    override wins over it, as in the host's own dispatch. The summary names the chained override."""
+    calls = []
+
+    class Preferred:
+        def function(self, q, k, v, heads, **kw):
+            calls.append("preferred")
+            assert "preferred_attention" not in kw
+            return host_attention(q, k, v, heads, **kw)
+
+    q, k, v = flux_qkv()
+    for prev in (None, lambda func, *a, **kw: (calls.append("prev"), func(*a, **kw))[1]):
+        calls.clear()
+        run = Run(FLUX, prev, consumer_for=lambda d: HeadwiseEngine(_plan(FLUX, FULL), backend="sdpa"),
+                  position=lambda s: None)  # every call dense
+        _, to = _forward(run)
+        out = run(host_attention, q, k, v, 2, skip_reshape=True, preferred_attention=Preferred(),
+                  transformer_options={**to, "block_type": "double", "block_index": 0})
+        assert torch.equal(out, host_attention(q, k, v, 2, skip_reshape=True))
+        assert calls == (["preferred"] if prev is None else ["prev"])
+        line = run.finish().line()
+        assert ("full heads and dense calls ran" in line) == (prev is not None), line

@@ -269,6 +269,11 @@ class Run:
             except TypeError:
                 chunk_key = (id(chunks),)
             key = (str(x.device), chunk_key, int(x.shape[0]))
+            replaced = (to.get("patches_replace") or {}).get("dit")
+            if replaced:
+                # Forwards with blocks replaced (e.g. the extra Skip Layer Guidance pass of the same conditioning)
+                # compute other head outputs: they keep their own cache, never the plain forward's.
+                key += (tuple(sorted(map(str, replaced))),)
         fwd = Forward(self, position, txt_len, n_img, key, reason)
         self.forwards.append(ForwardRecord(sigma, position if reason is None else None, key))
         return fwd

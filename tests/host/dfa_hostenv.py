@@ -306,15 +306,18 @@ def arrow_cache_plan(signature, sigmas, factor: int = 8):
     return plan_mod.Plan(signature, tuple(positions), None, f"arrow/{factor} + cache test plan")
 
 
-def expected_cache_counts(plan, forwards) -> tuple[int, int]:
+def expected_cache_counts(plan, forwards, skipped=None) -> tuple[int, int]:
     """(hits, misses) the plan implies for a run's forwards: a cached head hits iff the previous forward with the
-    same cache key kept it (the engine keeps `plan.keep_heads` of each routed forward)."""
+    same cache key kept it (the engine keeps `plan.keep_heads` of each routed forward). `skipped(forward)`: the
+    layer indices that forward never ran (blocks skipped, e.g. by Skip Layer Guidance)."""
     hits = misses = 0
     stored: dict = {}
     for f in forwards:
         if f.position is None:
             continue
         for li in range(len(plan.model.layers)):
+            if skipped is not None and li in skipped(f):
+                continue
             need = plan.decision(f.position, li).cache_heads
             have = stored.get((f.cache_key, li), ())
             if need:

@@ -167,8 +167,9 @@ def _on_cleanup(patch: HostPatch, patcher: Any, *_: Any, **__: Any) -> None:
 
 def install_patch(model: Any, patch: HostPatch) -> Any:
     """Clone `model` and install `patch`: the override slot (chaining what was there; an earlier DFA patch is
-    replaced, not chained), keyed OUTER_SAMPLE / APPLY_MODEL wrappers and an ON_CLEANUP
-    callback (an ON_PREPARE_STATE callback of an earlier pack version is removed). The input model is not modified. Sets `patch.prev`."""
+    replaced, not chained), keyed OUTER_SAMPLE / APPLY_MODEL wrappers and an ON_CLEANUP callback (an
+    ON_PREPARE_STATE callback left by an earlier pack version is removed). The input model is not modified. Sets
+    `patch.prev`."""
     import comfy.patcher_extension as pe
 
     m = model.clone()

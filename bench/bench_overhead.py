@@ -5,10 +5,17 @@ per timed call, side by side in one process:
 
   unpatched          the model as loaded (host attention, no override)
   hook_passthrough   a bare override that calls the host backend (cost of the host hook itself)
-  dfa_all_full       the adapter with an all-full plan (routing + per-forward set-up; must be <= 1 % over unpatched)
+  dfa_all_full       the adapter with an all-full plan, dense "host" (routing + per-forward set-up; must be <= 1 %
+                     over unpatched, and bit-identical on CPU)
+  dfa_all_full_fastest  the same plan with dense "fastest" (all-full layers on cuDNN-first SDPA)
   unpatched_cudnn    host attention forced to cuDNN SDPA (the faster dense baseline; baselines.md item 3)
   dfa_arrow8_<be>    the adapter with a uniform arrow/8 plan (engine backend "flex" or "triton")
-  dfa_mixed_<be>     a third of the heads full, a third arrow/16, a third cached (repeated forwards hit the cache)
+  dfa_mixed_<be>     a third of the heads full, a third arrow/16, a third cached (repeated forwards hit the cache);
+                     `_host`: the same with dense "host"
+  dfa_cacheheavy_<be>  full at the timed position, every head cached at the next (the cache holds every head of
+                     every layer: the worst case for memory)
+
+Peak VRAM per variant: torch.cuda.max_memory_allocated over two forwards after a reset (weights included).
 
 GPU: `triton.testing.do_bench` median. `--tiny`: a tiny Flux on CPU (wall-clock median), to check the script runs.
 ComfyUI comes from COMFYUI_PATH or the lean tree `.comfy/` in the repository root.
@@ -100,6 +107,9 @@ def main() -> int:
     mixed_plan = Plan(sig, tuple(
         PlanPosition(s_, tuple(LayerDecision.uniform(FULL, l.heads) if i == 0 else mixed for l in sig.layers))
         for i, s_ in enumerate(sigmas)), None, "mixed: 1/3 full, 1/3 arrow/16, 1/3 cache")
+    cache_plan = Plan(sig, tuple(
+        PlanPosition(s_, tuple(LayerDecision.uniform(FULL if i % 2 == 0 else CACHE, l.heads) for l in sig.layers))
+        for i, s_ in enumerate(sigmas)), None, "cache-heavy: full, all cached, full (timed), all cached")
     backends = [b for b in a.backends.split(",") if b]
     if not cuda:
         backends = [b for b in backends if b != "triton"] or ["sdpa"]
@@ -114,10 +124,13 @@ def main() -> int:
     def passthrough(func, *args, **kwargs):
         return func(*args, **kwargs)
 
-    runs = {"dfa_all_full": standalone_run(m, full_plan, backend=backends[0])}
+    runs = {"dfa_all_full": standalone_run(m, full_plan, backend=backends[0], dense="host"),
+            "dfa_all_full_fastest": standalone_run(m, full_plan, backend=backends[0], dense="fastest")}
     for be in backends:
         runs[f"dfa_arrow8_{be}"] = standalone_run(m, arrow_plan, backend=be)
         runs[f"dfa_mixed_{be}"] = standalone_run(m, mixed_plan, backend=be)
+        runs[f"dfa_mixed_{be}_host"] = standalone_run(m, mixed_plan, backend=be, dense="host")
+        runs[f"dfa_cacheheavy_{be}"] = standalone_run(m, cache_plan, backend=be)
 
     def cudnn(func, q, k, v, heads, *args, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
         # The host pins SDPA's priority FLASH > CUDNN inside `func`, so call SDPA here with cuDNN only.
@@ -147,6 +160,18 @@ def main() -> int:
     with torch.no_grad():
         ref = forward({})
         checks = {name: (fn() - ref).abs().max().item() for name, fn in variants.items()}  # also compiles flex
+    peak_gib: dict[str, float | None] = {}
+    for name, fn in variants.items():
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            fn()
+            torch.cuda.synchronize()
+            peak_gib[name] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            peak_gib[name] = None
     times = {}
     for name, fn in variants.items():  # interleave a second pass to expose drift
         times[name] = bench(fn)
@@ -165,6 +190,8 @@ def main() -> int:
             "speedup_vs_unpatched": base_ms / ms,
             "speedup_vs_cudnn": None if cudnn_ms is None else cudnn_ms / ms,
             "max_abs_diff_vs_unpatched": checks[name],
+            "peak_gib": peak_gib[name],
+            "peak_vs_unpatched_pct": None if peak_gib[name] is None else 100.0 * (peak_gib[name] / peak_gib["unpatched"] - 1.0),
         })
     info = {
         "date": datetime.date.today().isoformat(),
@@ -181,12 +208,13 @@ def main() -> int:
     }
     print(f"# DFAApply overhead, ComfyUI {host_version} Flux class, {info['device']}, {res}², text {txt}, "
           f"{info['geometry']['dtype']}, host attention {info['host_attention']}, {info['timer']}")
-    print("| variant | ms / forward | vs unpatched | speed-up vs unpatched | vs cuDNN-unpatched | max abs diff vs unpatched |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| variant | ms / forward | vs unpatched | speed-up vs unpatched | vs cuDNN-unpatched | peak GiB | peak vs unpatched | max abs diff vs unpatched |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         vc = "—" if r["speedup_vs_cudnn"] is None else f"{r['speedup_vs_cudnn']:.2f}x"
+        pk = "—" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} | {r['peak_vs_unpatched_pct']:+.1f}%"
         print(f"| {r['variant']} | {r['ms']:.2f} | {r['vs_unpatched_pct']:+.2f}% | {r['speedup_vs_unpatched']:.2f}x | {vc} | "
-              f"{r['max_abs_diff_vs_unpatched']:.3g} |")
+              f"{pk if r['peak_gib'] is not None else '— | —'} | {r['max_abs_diff_vs_unpatched']:.3g} |")
     for name, s in summaries.items():
         print(f"{name}: {s.line()}")
     out = Path(a.out) if a.out else Path(os.environ.get("OUT") or ROOT / "bench" / "results") / "bench_overhead.json"

@@ -12,14 +12,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .cost import kept_pairs
 from .masks import arrow_block_mask, arrow_keep
-from .methods import FULL, LayerDecision, MethodKind
+from .methods import FULL, WINDOW_FULL, WINDOW_SKIP, LayerDecision, MethodKind
 
 __all__ = [
     "ArrowBackend",
@@ -183,6 +183,7 @@ def headwise_attention(
     backend: ArrowBackend = "auto",
     scale: float | None = None,
     tables: KernelTables | None = None,
+    full_by_dense: bool = False,
 ) -> tuple[torch.Tensor, bool]:
     """Attention of one layer with per-head methods.
 
@@ -199,6 +200,8 @@ def headwise_attention(
         sdpa elsewhere).
     tables : where index tensors and masks are kept between calls (an engine's per-run tables); None builds
         them for this call only.
+    full_by_dense : the Triton backend computes full heads in its own launch unless this is True; then `dense`
+        computes them (DFAApply's dense "host": full heads always run the host's attention).
 
     Returns
     -------
@@ -239,11 +242,14 @@ def headwise_attention(
         from .arrow_triton import arrow_attention_triton
 
         # One launch for full and arrow heads; cached heads are skipped by the kernel and pasted below.
-        out = arrow_attention_triton(q, k, v, tables.window_table(decision.windows(n_img), device), txt_len, sm_scale=scale)
+        windows = decision.windows(n_img)
+        if full_by_dense:
+            windows = tuple(WINDOW_SKIP if w == WINDOW_FULL else w for w in windows)
+        out = arrow_attention_triton(q, k, v, tables.window_table(windows, device), txt_len, sm_scale=scale)
     else:
         raise ValueError(f"unknown arrow backend {backend!r}")
 
-    if decision.full_heads and chosen != "triton":
+    if decision.full_heads and (chosen != "triton" or full_by_dense):
         idx = tables.index(decision.full_heads, device)
         out[:, idx] = dense_fn(q[:, idx], k[:, idx], v[:, idx])
     if decision.cache_heads:
@@ -260,9 +266,9 @@ class PlanLike(Protocol):
     def keep_heads(self, position: int, layer: int) -> tuple[int, ...]: ...
 
 
-@dataclass(frozen=True)
-class CallContext:
-    """Where an attention call sits: plan layer index, plan position index, text length, cache key."""
+class CallContext(NamedTuple):
+    """Where an attention call sits: plan layer index, plan position index, text length, cache key.
+    (A NamedTuple: built once per routed call, where a frozen dataclass's __init__ costs ~1 µs more.)"""
 
     layer: int
     position: int
@@ -346,11 +352,10 @@ class AttentionConsumer(Protocol):
 class _Entry:
     """Per (position, layer, text length, sequence length, device), built once per run."""
 
-    __slots__ = ("decision", "keep", "keep_index", "bypass", "hit_cost", "miss_cost")
+    __slots__ = ("decision", "keep", "keep_index", "hit_cost", "miss_cost")
     decision: LayerDecision
     keep: tuple[int, ...]
     keep_index: torch.Tensor | None
-    bypass: bool
     hit_cost: CallCost
     miss_cost: CallCost
 
@@ -364,19 +369,25 @@ class HeadwiseEngine:
     is looked up once per (position, layer, geometry) and kept until `reset()`, as are the kernel tables.
     """
 
-    def __init__(self, plan: PlanLike, *, backend: ArrowBackend = "auto", cache: HeadCache | None = None) -> None:
+    def __init__(self, plan: PlanLike, *, backend: ArrowBackend = "auto", cache: HeadCache | None = None,
+                 full_by_dense: bool = False) -> None:
         self.plan = plan
         self.backend: ArrowBackend = backend
+        self.full_by_dense = full_by_dense  # see headwise_attention
         self.cache = cache if cache is not None else HeadCache()
         self.stats = EngineStats()
         self.tables = KernelTables()
         self._entries: dict[tuple, _Entry] = {}
+        self._bypass: dict[int, tuple[bool, ...]] = {}
+        self._bypass_cost: dict[tuple, tuple[int, int, int]] = {}
 
     def release(self) -> None:
         """Free what the engine holds on the device (head cache, per-run tables); the counters stay."""
         self.cache.clear()
         self.tables.clear()
         self._entries.clear()
+        self._bypass.clear()
+        self._bypass_cost.clear()
 
     def reset(self) -> None:
         """End of a run: `release` and zero the counters."""
@@ -391,21 +402,49 @@ class HeadwiseEngine:
             dec = e.decision = self.plan.decision(ctx.position, ctx.layer)
             e.keep = self.plan.keep_heads(ctx.position, ctx.layer)
             e.keep_index = self.tables.index(e.keep, device) if e.keep else None
-            e.bypass = dec.all_full and not e.keep
             n_img = seq - ctx.txt_len
             e.hit_cost = call_cost(dec, ctx.txt_len, n_img, True)
             e.miss_cost = call_cost(dec, ctx.txt_len, n_img, False)
             self._entries[key] = e
         return e
 
-    def bypass(self, ctx: CallContext, batch: int, seq: int, head_dim: int, device: torch.device) -> bool:
-        """True when the call at `ctx` is plain dense attention that keeps nothing: the caller then runs its own
-        dense attention on its own tensors (no reshapes, no engine work); the call is counted here."""
-        e = self._entry(ctx, seq, device)
-        if e.bypass:
-            self.stats.record(e.hit_cost, batch, head_dim)
-            self.cache.discard((ctx.cache_key, ctx.layer))  # as `attend` does when nothing is kept
-        return e.bypass
+    def bypass_layers(self, position: int, n_layers: int) -> tuple[bool, ...]:
+        """Per layer at `position`: True where the plan runs every head full and keeps nothing for later steps.
+        Such calls are exactly the host's dense attention, so the router hands them straight back to the host
+        (no parsing, no reshapes) and reports them once per forward with `record_bypassed`."""
+        t = self._bypass.get(position)
+        if t is None:
+            plan = self.plan
+            t = self._bypass[position] = tuple(
+                plan.decision(position, layer).all_full and not plan.keep_heads(position, layer)
+                for layer in range(n_layers)
+            )
+        return t
+
+    def record_bypassed(self, position: int, layers: tuple[int, ...], geometry: tuple[tuple[int, int, int], ...],
+                        batch: int, cache_key: Hashable) -> None:
+        """Count the calls of `layers` (bypassed at `position` in one forward) as full calls; `geometry[layer]` is
+        (text length, sequence length, head_dim). Their cache entries are dropped, as `attend` does when nothing
+        is kept, so no later forward reuses an output older than this one."""
+        key = (position, layers, geometry)
+        agg = self._bypass_cost.get(key)
+        if agg is None:
+            full = kept = dense = 0
+            for layer in layers:
+                txt_len, seq, head_dim = geometry[layer]
+                c = call_cost(self.plan.decision(position, layer), txt_len, seq - txt_len, True)
+                full += c.full
+                kept += c.kept_pairs * 4 * head_dim
+                dense += c.dense_pairs * 4 * head_dim
+            agg = self._bypass_cost[key] = (full, kept, dense)
+        st = self.stats
+        st.calls += len(layers)
+        st.heads["full"] += agg[0]
+        st.kept_flops += agg[1] * batch
+        st.dense_flops += agg[2] * batch
+        if len(self.cache):
+            for layer in layers:
+                self.cache.discard((cache_key, layer))
 
     def attend(
         self,
@@ -423,7 +462,7 @@ class HeadwiseEngine:
         cached = self.cache.get(key) if decision.cache_heads else None
         out, hit = headwise_attention(
             q, k, v, ctx.txt_len, decision, cached=cached, dense=dense, backend=self.backend, scale=scale,
-            tables=self.tables,
+            tables=self.tables, full_by_dense=self.full_by_dense,
         )
         self.stats.record(e.hit_cost if hit else e.miss_cost, q.shape[0], q.shape[3])
         if e.keep_index is not None:

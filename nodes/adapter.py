@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 
 from ..calibration.plan import Plan
+from ..kernels.dense import DENSE_MODES, fastest_dense
 from ..kernels.engine import ArrowBackend, HeadwiseEngine
 from .hooks import TO_PATCH, TO_RUN, HostPatch, begin_run, install_patch
 from .host import host_support
@@ -32,11 +33,13 @@ class DFAPatch(HostPatch):
         start_percent: float,
         end_percent: float,
         backend: ArrowBackend,
+        dense: str = "fastest",
         prev: Callable[..., Any] | None = None,
         label: str = "",
     ) -> None:
         super().__init__(layout=layout, backend=backend, prev=prev)
         self.plan = plan
+        self.dense = dense
         self.start_percent = start_percent
         self.end_percent = end_percent
         self.label = label
@@ -60,8 +63,15 @@ class DFAPatch(HostPatch):
                 warned.append(True)
                 self._check_run(n_img, to)
 
-        return Run(self.layout, prev, consumer_for=lambda device: HeadwiseEngine(plan, backend=backend),
-                   position=position, check=check)
+        # dense "fastest": calls the plan keeps all full go to cuDNN-first SDPA, full heads of mixed layers to the
+        # arrow kernel's own launch; a chained override (Sage, ModelAttentionBackend, ...) always serves them.
+        # "host": every full head runs the host's attention (or the chained override).
+        fast = fastest_dense if self.dense == "fastest" and prev is None else None
+        if self.dense == "fastest" and prev is not None:
+            log.info("DiTFastAttnV2: another attention override is chained; it serves the full heads (dense 'host')")
+        full_by_dense = fast is None
+        return Run(self.layout, prev, position=position, check=check, fast_dense=fast,
+                   consumer_for=lambda device: HeadwiseEngine(plan, backend=backend, full_by_dense=full_by_dense))
 
     def _check_run(self, n_img: int, to: dict) -> None:
         """Warn once per run when the run differs from what the plan was calibrated for."""
@@ -122,6 +132,7 @@ def apply_dfa(
     start_percent: float = 0.0,
     end_percent: float = 1.0,
     backend: ArrowBackend = "auto",
+    dense: str = "fastest",
     label: str = "",
 ) -> Any:
     """Return a clone of `model` (a ComfyUI ModelPatcher) that runs `plan` in its attention.
@@ -134,6 +145,9 @@ def apply_dfa(
     start_percent, end_percent : sampling range (0 = first step, 1 = last) where the plan is used; outside it
         every head is dense. 0 <= start_percent <= end_percent <= 1.
     backend : arrow backend of the engine ("auto", "triton", "flex", "sdpa").
+    dense : "fastest" (calls whose heads all run full use cuDNN-first SDPA, full heads of mixed layers run in the
+        arrow kernel) or "host" (every full head runs the host's attention: an all-full plan is then bit-identical
+        to the unpatched model). A chained attention override always serves the full heads.
 
     Raises
     ------
@@ -146,6 +160,8 @@ def apply_dfa(
         raise ValueError(
             f"start_percent and end_percent must satisfy 0 <= start <= end <= 1, got {start_percent} and {end_percent}"
         )
+    if dense not in DENSE_MODES:
+        raise ValueError(f"dense must be one of {', '.join(DENSE_MODES)}, got {dense!r}")
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must be a DiTFastAttnV2 Plan, got {type(plan).__name__}")
     support = host_support()
@@ -168,13 +184,14 @@ def apply_dfa(
                 "model if the result changes visibly.", label or plan.description or "(unnamed)", recorded, mine)
     patch = DFAPatch(
         plan=plan, layout=layout, start_percent=float(start_percent), end_percent=float(end_percent),
-        backend=backend, label=label,
+        backend=backend, dense=dense, label=label,
     )
     return install_patch(model, patch)
 
 
 def standalone_run(
-    model: Any, plan: Plan, *, backend: ArrowBackend = "auto", prev: Callable[..., Any] | None = None
+    model: Any, plan: Plan, *, backend: ArrowBackend = "auto", dense: str = "fastest",
+    prev: Callable[..., Any] | None = None,
 ) -> dict:
     """transformer_options with a fresh run of `plan`, for driving a diffusion model directly (no sampler).
 
@@ -183,7 +200,8 @@ def standalone_run(
     """
     layout = model_layout(model)
     _check_plan_fits(plan, layout)
-    patch = DFAPatch(plan=plan, layout=layout, start_percent=0.0, end_percent=1.0, backend=backend, prev=prev)
+    patch = DFAPatch(plan=plan, layout=layout, start_percent=0.0, end_percent=1.0, backend=backend, dense=dense,
+                     prev=prev)
     options: dict = {"transformer_options": {TO_PATCH: patch}}
     begin_run(patch, options, None)
     return options["transformer_options"]

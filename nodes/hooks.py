@@ -100,8 +100,10 @@ def _apply_model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
     new_to[TO_FORWARD] = fwd
     top = to.get(SLOT)
     if top is not run:  # e.g. Model Sparse Attention re-installed itself on top this step: chain it, stay on top
-        if top is not None and top is not run.owner:
-            _chain(run, top, later=True)
+        if top is not None and top is not run.owner and top is not run.prev:
+            run.prev = top
+            run.fast_dense = None  # a chained override serves the full heads (adapter.DFAPatch.new_run)
+            _say_chained(run, top, later=True)
         new_to[SLOT] = run
     if "transformer_options" in kwargs or len(args) <= 5:
         kwargs = {**kwargs, "transformer_options": new_to}
@@ -112,16 +114,14 @@ def _apply_model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
     return out
 
 
-def _chain(run: Run, override: Any, *, later: bool) -> None:
-    """Make `override` the run's dense backend and say once per run which node serves which calls."""
-    if run.prev is override:
-        return
-    run.prev = override
+def _say_chained(run: Run, override: Any, *, later: bool) -> None:
+    """Once per run: which node serves which calls when another override shares the slot (peers.py)."""
+    name = describe_override(override)
     where = "after DFAApply (or re-installed itself on top)" if later else "before DFAApply"
     run.warn_once(
         "chained", "DiTFastAttnV2: the attention override %s was placed %s; DiTFastAttnV2 routes every attention call "
-        "of this model and %s runs the heads the plan keeps full and the calls that run dense",
-        describe_override(override), where, describe_override(override), level=logging.INFO)
+        "of this model and %s runs the heads the plan keeps full and the calls that run dense", name, where, name,
+        level=logging.INFO)
 
 
 def begin_run(patch: HostPatch, model_options: dict, model_sampling: Any) -> Run:
@@ -130,10 +130,10 @@ def begin_run(patch: HostPatch, model_options: dict, model_sampling: Any) -> Run
     cur = to.get(SLOT)
     later = not (cur is patch or isinstance(cur, (HostPatch, Run)))
     prev = cur if later else patch.prev  # a (non-chaining) override installed after us serves the dense heads
-    run = patch.new_run(None, model_sampling)
+    run = patch.new_run(prev, model_sampling)
     run.owner = patch
     if prev is not None:
-        _chain(run, prev, later=later)
+        _say_chained(run, prev, later=later)
     to[TO_RUN] = run
     to[SLOT] = run
     patch._active_runs.add(run)

@@ -1,6 +1,7 @@
 """The attention router: one sampling run's override. Per forward it fixes the geometry, plan position and cache
-key; per attention call it decides, with `dense_reason`, whether the call can go to the consumer (the engine or
-the calibrator) or runs the host's dense attention, and it keeps the run's forward log and warnings.
+key; per attention call it decides (calls.py checks the call itself) whether the call can go to the consumer (the
+engine or the calibrator) or runs the host's dense attention, and it keeps the run's forward log and warnings.
+Layers the plan keeps exactly dense at a position go back to the host before any parsing (the lean path).
 
 Plain Python and torch, no host import: CI tests it on fake calls of both layouts (Flux [B, H, L, D] with
 ``skip_reshape``, SD3 [B, L, H·D]). The host's wrappers (hooks.py) create a `Run` per sampling run.
@@ -19,13 +20,13 @@ from typing import Any
 
 import torch
 
-from ..calibration.plan import LayerSpec
 from ..kernels.engine import AttentionConsumer, CallContext
 from ..kernels.methods import MethodKind
+from .calls import Call, parse_call
 from .layouts import Layout, Reason
 from .peers import describe_override
 
-__all__ = ["dense_reason", "Run", "RunSummary", "ForwardRecord", "Forward", "TO_FORWARD"]
+__all__ = ["Run", "RunSummary", "ForwardRecord", "Forward", "TO_FORWARD"]
 
 log = logging.getLogger(__name__)
 
@@ -47,61 +48,12 @@ def _no_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-# ------------------------------------------------------------------------------------------- the pure check
+_BYPASS = object()  # _route's answer for a call the plan keeps all full (no parsing, no engine)
 
 
-class _Call:
-    """A routable attention call: q, k, v as [B, H, L, D] views and how to give the output back."""
-
-    __slots__ = ("q", "k", "v", "batch", "seq_len", "heads", "head_dim", "flat")
-
-
-def _parse(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs: dict) -> _Call | Reason:
-    if len(args) < 3 or len(args) > 4:
-        return Reason("arguments", f"unexpected attention call with {len(args)} positional arguments")
-    q, k, v = args[0], args[1], args[2]
-    heads = args[3] if len(args) > 3 else kwargs.get("heads")
-    if kwargs.get("mask") is not None:
-        return Reason("mask", "an attention mask is present")
-    if kwargs.get("enable_gqa"):
-        return Reason("gqa", "grouped-query attention is not supported")
-    if not isinstance(heads, int) or heads < 1:
-        return Reason("heads", f"attention call without a head count ({heads!r})")
-    if not (torch.is_tensor(q) and torch.is_tensor(k) and torch.is_tensor(v)):
-        return Reason("arguments", "q, k, v are not tensors")
-    flat = not kwargs.get("skip_reshape", False)
-    if flat:
-        if q.dim() != 3 or q.shape[-1] % heads:
-            return Reason("layout", f"unexpected query shape {tuple(q.shape)} for {heads} heads")
-        batch, seq_len, hd = q.shape
-        head_dim = hd // heads
-        # SD3 passes v (sometimes k) as [B, L, H, D] next to q [B, L, H*D]
-        same = all(t.shape == q.shape or t.shape == (batch, seq_len, heads, head_dim) for t in (k, v))
-    else:
-        if q.dim() != 4 or q.shape[1] != heads:
-            return Reason("layout", f"unexpected query shape {tuple(q.shape)} for {heads} heads")
-        batch, _, seq_len, head_dim = q.shape
-        same = k.shape == q.shape and v.shape == q.shape
-    if not same:
-        return Reason("Lq != Lk", f"query {tuple(q.shape)} and key/value {tuple(k.shape)}/{tuple(v.shape)} differ (KV cache?)")
-    if heads != spec.heads or head_dim != spec.head_dim:
-        return Reason("head mismatch", f"layer {spec.name}: plan expects {spec.heads} heads × {spec.head_dim}, "
-                      f"call has {heads} × {head_dim}")
-    if seq_len != txt_len + n_img:
-        return Reason("layout", f"layer {spec.name}: sequence length {seq_len} is not text {txt_len} + image grid {n_img}")
-    c = _Call()
-    c.q, c.k, c.v = q, k, v
-    c.batch, c.seq_len, c.heads, c.head_dim, c.flat = batch, seq_len, heads, head_dim, flat
-    return c
-
-
-def dense_reason(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs: dict) -> str | None:
-    """Why an attention call of layer `spec` (forward with `txt_len` text and `n_img` image tokens) must run the
-    host's dense attention, or None when the plan can run it. `args`/`kwargs` are what the host passes to its
-    attention backend: Flux q, k, v [B, H, L, D] with ``skip_reshape=True``, SD3 [B, L, H·D] with ``heads=``.
-    The reason's `.kind` groups warnings. Pure: no state, no host import."""
-    r = _parse(spec, 0 if spec.image_only else txt_len, n_img, args, kwargs)
-    return r if isinstance(r, Reason) else None
+def _is_compiling() -> bool:
+    f = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(f()) if f is not None else False
 
 
 # ---------------------------------------------------------------------------------------------- run records
@@ -149,9 +101,11 @@ class RunSummary:
 
 
 class Forward:
-    """Per model forward (one apply_model call): geometry, plan position, cache key, SD3 layer counter."""
+    """Per model forward (one apply_model call): geometry, plan position, cache key, SD3 layer counter, and the
+    lean path: `bypass[layer]` says the plan keeps that layer exactly dense here, `bypassed` lists those calls."""
 
-    __slots__ = ("run", "position", "txt_len", "n_img", "key", "next_layer", "reason", "calls_before")
+    __slots__ = ("run", "position", "txt_len", "n_img", "key", "next_layer", "reason", "batch", "consumer",
+                 "bypass", "bypassed", "calls_before")
 
     def __init__(self, run: Run, position: int | None, txt_len: int, n_img: int, key: Hashable,
                  reason: Reason | None) -> None:
@@ -162,8 +116,12 @@ class Forward:
         self.key = key
         self.next_layer = 0
         self.reason = reason
-        # The run's call counter when the forward began: end_forward compares the calls that reached the
-        # override with the model's layers (a shared counter: concurrent forwards only over-count, never under-).
+        self.batch = 0
+        self.consumer: AttentionConsumer | None = None
+        self.bypass: tuple[bool, ...] | None = None
+        self.bypassed: list[int] = []
+        # The run's call counter at the start: end_forward compares the calls that reached the override with the
+        # model's layers (shared by concurrent forwards, so it can only over-count).
         self.calls_before = run.attention_calls
 
 
@@ -189,11 +147,15 @@ class Run:
         check: Callable[[int, dict], None] | None = None,
         on_error: Callable[[Exception], None] | None = None,
         owner: Any = None,
+        fast_dense: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.layout = layout
         self.layers = layout.signature.layers
         self.prev = prev
         self.owner = owner  # the patch this run belongs to (hooks.py)
+        # (q, k, v, scale) [B, H, L, D] -> [B, H, L, D] for full heads on `fast_devices` (None: the host serves them)
+        self.fast_dense = fast_dense
+        self.fast_devices = ("cuda",)  # elsewhere the host's attention is as fast, and exact
         self._consumer_for = consumer_for
         self._position = position
         self._check = check
@@ -205,6 +167,9 @@ class Run:
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._geometry: dict[tuple[int, int], tuple[tuple[int, int, int], ...]] = {}
+        self._unreported: list[Forward] = []  # forwards whose bypassed calls the consumer has not counted yet
+        self._route_compiled = _no_compile(self._route)
 
     def __deepcopy__(self, memo: dict) -> Run:  # ComfyUI <= 0.12 deep-copies model_options
         return self
@@ -275,28 +240,43 @@ class Run:
                 # compute other head outputs: they keep their own cache, never the plain forward's.
                 key += (tuple(sorted(map(str, replaced))),)
         fwd = Forward(self, position, txt_len, n_img, key, reason)
+        if reason is None and position is not None:
+            consumer = fwd.consumer = self.consumer(x.device)
+            bypass_layers = getattr(consumer, "bypass_layers", None)  # the engine has it; the calibrator not
+            if bypass_layers is not None:
+                fwd.bypass = bypass_layers(position, len(self.layers))
+                fwd.batch = int(x.shape[0])
+                self._unreported.append(fwd)
         self.forwards.append(ForwardRecord(sigma, position if reason is None else None, key))
         return fwd
 
     @_no_compile
     def end_forward(self, fwd: Forward) -> None:
+        self._report_bypassed(fwd)
         seen, layers = self.attention_calls - fwd.calls_before, len(self.layers)
-        if seen < layers:
-            # Calls that never reached the override ran without the plan, e.g. an override that took the slot and
-            # does not chain to us, a block replace that skips blocks (Skip Layer Guidance), or a block patch that
-            # computes attention itself.
+        if seen < layers:  # the others ran without the plan: skipped blocks or attention around the slot
             self.fallback(Reason(
-                "missed calls",
-                f"a forward reached DiTFastAttnV2 with {seen} of the model's {layers} attention calls (blocks skipped, "
-                "e.g. by Skip Layer Guidance, or attention computed by another node without the override slot); "
-                "the missing calls ran without the plan",
-            ), layers - seen)
+                "missed calls", f"a forward reached DiTFastAttnV2 with {seen} of the model's {layers} attention calls "
+                "(blocks skipped, e.g. by Skip Layer Guidance, or attention computed without the override slot); "
+                "the missing calls ran without the plan"), layers - seen)
         elif self.layout.counts_calls and fwd.reason is None and fwd.next_layer not in (0, len(self.layers)):
             self.fallback(Reason(
                 "layer count",
                 f"a forward made {fwd.next_layer} attention calls but the model has {len(self.layers)} attention "
                 "layers (blocks skipped or repeated?); later layers of such a forward may be misidentified",
             ))
+
+    def _report_bypassed(self, fwd: Forward) -> None:
+        """Hand the forward's bypassed calls to its consumer (at end_forward, or at finish for callers that run
+        the model without the host's wrapper and so never end a forward)."""
+        if not fwd.bypassed or fwd.consumer is None:
+            return
+        layers, fwd.bypassed = tuple(fwd.bypassed), []
+        geo = self._geometry.get((fwd.txt_len, fwd.n_img))
+        if geo is None:
+            geo = self._geometry[(fwd.txt_len, fwd.n_img)] = tuple(
+                (t, t + fwd.n_img, s.head_dim) for s in self.layers for t in (0 if s.image_only else fwd.txt_len,))
+        fwd.consumer.record_bypassed(fwd.position, layers, geo, fwd.batch, fwd.key)  # type: ignore[attr-defined]
 
     def error(self, exc: Exception) -> None:
         if self._on_error is not None:
@@ -310,17 +290,44 @@ class Run:
             # Re-entered through a chained override that points back at us: run the host backend.
             return func(*args, **kwargs)
         try:
-            routed = self._route(args, kwargs)
+            # Under torch.compile the bookkeeping runs eagerly (a graph break here); eagerly, no wrapper cost.
+            routed = (self._route_compiled if _is_compiling() else self._route)(args, kwargs)
         except Exception as exc:  # noqa: BLE001 - the override never raises
             self.fallback(Reason("internal", f"routing failed ({type(exc).__name__}: {exc})"))
             routed = None
         if routed is None:
             return self._dense(func, args, kwargs)
+        if routed is _BYPASS:
+            return self._all_full(func, args, kwargs)
         try:
             return self._attend(routed, func, kwargs)
         except Exception as exc:  # noqa: BLE001
             self.error(exc)
             return self._dense(func, args, kwargs)
+
+    def _all_full(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """A call whose heads all run full: `fast_dense` where set and the call is plain, else the host."""
+        fast = self.fast_dense
+        q = args[0] if args else None
+        if (fast is None or kwargs.get("mask") is not None or not torch.is_tensor(q)
+                or q.device.type not in self.fast_devices):
+            return self._dense(func, args, kwargs)
+        try:
+            k, v = args[1], args[2]
+            heads = args[3] if len(args) > 3 else kwargs["heads"]
+            if kwargs.get("skip_reshape", False):
+                b, _, seq, d = q.shape
+            else:  # SD3: [B, L, H*D] (v, sometimes k, as [B, L, H, D])
+                b, seq, hd = q.shape
+                d = hd // heads
+                q, k, v = (t.reshape(b, seq, heads, d).transpose(1, 2) for t in (q, k, v))
+            out = fast(q, k, v, kwargs.get("scale"))
+        except Exception as exc:  # noqa: BLE001 - the override never raises
+            self.fallback(Reason("dense", f"fast dense attention failed ({type(exc).__name__}: {exc})"))
+            return self._dense(func, args, kwargs)
+        if kwargs.get("skip_output_reshape", False):
+            return out
+        return out.transpose(1, 2).reshape(b, seq, heads * d)
 
     def _dense(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         local = self._local
@@ -338,9 +345,9 @@ class Run:
         finally:
             local.depth -= 1
 
-    @_no_compile
-    def _route(self, args: tuple, kwargs: dict) -> tuple[_Call, CallContext, AttentionConsumer] | None:
-        """The consumer call for this attention call, or None for a plain dense call (reasons warned once)."""
+    def _route(self, args: tuple, kwargs: dict) -> tuple[Call, CallContext, AttentionConsumer] | object | None:
+        """The consumer call for this attention call, `_BYPASS` for a layer the plan keeps all full here, or None
+        for a plain dense call (reasons warned once)."""
         self.attention_calls += 1
         to = kwargs.get("transformer_options")
         fwd = to.get(TO_FORWARD) if isinstance(to, dict) else None
@@ -361,9 +368,12 @@ class Run:
             return None
         if fwd.position is None:
             return None  # outside start/end percent, or the consumer refused this forward: dense
+        if fwd.bypass is not None and fwd.bypass[layer]:
+            fwd.bypassed.append(layer)  # all full, nothing kept: exactly a dense call, counted per forward
+            return _BYPASS
         spec = self.layers[layer]
         txt_len = 0 if spec.image_only else fwd.txt_len
-        call = _parse(spec, txt_len, fwd.n_img, args, kwargs)
+        call = parse_call(spec, txt_len, fwd.n_img, args, kwargs)
         ctx = CallContext(layer, fwd.position, txt_len, fwd.key)
         if isinstance(call, Reason):
             self.fallback(call)
@@ -373,21 +383,22 @@ class Run:
                 if forget is not None:  # no older output of this layer may be reused later
                     forget(ctx)
             return None
-        consumer = self.consumer(call.q.device)
-        bypass = getattr(consumer, "bypass", None)
-        if bypass is not None and bypass(ctx, call.batch, call.seq_len, call.head_dim, call.q.device):
-            return None  # an all-full layer that keeps nothing: exactly the host call (counted by the engine)
-        return call, ctx, consumer
+        return call, ctx, self.consumer(call.q.device)
 
-    def _attend(self, routed: tuple[_Call, CallContext, AttentionConsumer], func: Callable[..., Any],
+    def _attend(self, routed: tuple[Call, CallContext, AttentionConsumer], func: Callable[..., Any],
                 kwargs: dict) -> torch.Tensor:
         call, ctx, consumer = routed
         q, k, v = call.q, call.k, call.v
         if call.flat:
             shape = (call.batch, call.seq_len, call.heads, call.head_dim)
             q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
-        dense = _DenseHeads(self, func, kwargs)
-        out = consumer.attend(ctx, q, k, v, dense, kwargs.get("scale"))
+        scale = kwargs.get("scale")
+        fast = self.fast_dense
+        if fast is not None and q.device.type in self.fast_devices:
+            dense: Callable[..., torch.Tensor] = functools.partial(fast, scale=scale)
+        else:
+            dense = _DenseHeads(self, func, kwargs)
+        out = consumer.attend(ctx, q, k, v, dense, scale)
         if kwargs.get("skip_output_reshape", False):
             return out
         return out.transpose(1, 2).reshape(call.batch, call.seq_len, call.heads * call.head_dim)
@@ -401,6 +412,9 @@ class Run:
                 release()
 
     def finish(self) -> RunSummary:
+        for fwd in self._unreported:
+            self._report_bypassed(fwd)
+        self._unreported.clear()
         heads = {m.value: 0 for m in MethodKind}
         hits = misses = calls = kept = dense = 0
         seen: set[int] = set()

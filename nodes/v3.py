@@ -11,6 +11,7 @@ from ..calibration.cli import summarize
 from ..calibration.plan import Plan
 from ..calibration.prompts import DEFAULT_PROMPTS
 from ..calibration.search import DEFAULT_DELTA
+from ..kernels.dense import DENSE_MODES
 from .adapter import apply_dfa
 from .calibrate import CANDIDATE_SETS, DEFAULT_CANDIDATE_SET, calibrate_plan_node
 from .plans import NO_PLAN, load_plan_file, plan_fingerprint, plan_options, register_plan_folder
@@ -83,6 +84,17 @@ class DFAApply(io.ComfyNode):
                     ),
                     **adv,
                 ),
+                io.Combo.Input(
+                    "dense", options=list(DENSE_MODES), default=DENSE_MODES[0],
+                    tooltip=(
+                        "Who computes the heads the plan keeps full. fastest: on NVIDIA GPUs, layers whose heads all "
+                        "run full use cuDNN attention (faster than ComfyUI's default at 2K) and the full heads of "
+                        "mixed layers run inside the arrow kernel. host: ComfyUI's own attention computes every full "
+                        "head (an all-full plan is then bit-identical to no plan). Another attention node chained "
+                        "before this one (Sage, Model Attention Backend) always serves the full heads."
+                    ),
+                    **adv,
+                ),
                 DFA_PLAN.Input(
                     "dfa_plan", optional=True,
                     tooltip="A plan from DFALoadPlan or a calibration node. When connected it wins over the dropdown.",
@@ -103,6 +115,7 @@ class DFAApply(io.ComfyNode):
         enabled: bool,
         start_percent: float,
         end_percent: float,
+        dense: str = DENSE_MODES[0],
         dfa_plan: Plan | None = None,
     ) -> io.NodeOutput:
         if not enabled:
@@ -110,7 +123,8 @@ class DFAApply(io.ComfyNode):
         chosen = dfa_plan if dfa_plan is not None else load_plan_file(plan)
         label = "connected plan" if dfa_plan is not None else plan
         patched = apply_dfa(
-            model, plan=chosen, enabled=True, start_percent=start_percent, end_percent=end_percent, label=label
+            model, plan=chosen, enabled=True, start_percent=start_percent, end_percent=end_percent, dense=dense,
+            label=label,
         )
         return io.NodeOutput(patched)
 

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 
 from dfav2.calibration import LayerSpec, ModelSignature, Plan
 from dfav2.kernels import CACHE, FULL, HeadwiseEngine, arrow
+from dfav2.kernels.methods import LayerDecision
 from dfav2.nodes.layouts import Layout
-from dfav2.nodes.router import TO_FORWARD, Run, dense_reason
+from dfav2.nodes.calls import dense_reason
+from dfav2.nodes.router import TO_FORWARD, Run
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_MODULES = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "server", "nodes", "execution")
@@ -38,7 +40,7 @@ def host_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=
 
 
 def test_router_imports_no_host_module():
-    for name in ("router.py", "layouts.py"):
+    for name in ("router.py", "calls.py", "layouts.py"):
         tree = ast.parse((ROOT / "nodes" / name).read_text())
         top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         for node in top:
@@ -229,3 +231,83 @@ def test_dense_path_honours_a_preferred_attention_unless_an_override_is_chained(
         assert calls == (["preferred"] if prev is None else ["prev"])
         line = run.finish().line()
         assert ("full heads and dense calls ran" in line) == (prev is not None), line
+
+
+def test_lean_path_counts_bypassed_layers_like_the_engine():
+    """Layers the plan keeps all full (and stores nothing of) go straight to the host, are counted once per
+    forward, and the summary equals what the engine reports for the same calls when it runs them itself."""
+    from dfav2.kernels.engine import CallContext, call_cost
+
+    plan = Plan.uniform(FLUX.signature, [1.0, 0.5], arrow(8), first_full=True)
+    run = _run(FLUX, plan)
+    q, k, v = flux_qkv()
+    for sigma, end in ((1.0, True), (0.5, False)):  # the second forward is never ended (benchmark callers)
+        fwd, to = _forward(run, sigma)
+        assert fwd.bypass == ((True, True) if sigma == 1.0 else (False, False))
+        for bt in ("double", "single"):
+            got = run(host_attention, q, k, v, 2, skip_reshape=True,
+                      transformer_options={**to, "block_type": bt, "block_index": 0})
+            if sigma == 1.0:
+                assert torch.equal(got, host_attention(q, k, v, 2, skip_reshape=True))
+        if end:
+            run.end_forward(fwd)
+    s = run.finish()
+    expected_kept = expected_dense = 0
+    for pos in (0, 1):
+        for layer in (0, 1):
+            c = call_cost(plan.decision(pos, layer), T, N, True)
+            expected_kept += c.kept_pairs * 4 * 16
+            expected_dense += c.dense_pairs * 4 * 16
+    assert s.engine_calls == 4 and s.heads["full"] == 4 and s.heads["arrow"] == 4 and not s.fallbacks
+    assert (s.kept_flops, s.dense_flops) == (expected_kept, expected_dense)
+    assert isinstance(CallContext(0, 1, 2), tuple)
+
+
+@pytest.mark.parametrize("layout", [FLUX, SD3])
+def test_dense_fastest_serves_all_full_layers_and_full_heads(layout):
+    """dense "fastest": the fast function serves calls the plan keeps all full (no host call) and the full heads
+    of mixed layers, with the output in the host's layout; off its devices, and for masked calls, the host does."""
+    served = []
+
+    def fast(q, k, v, scale=None):
+        served.append(q.shape)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    plan = Plan.uniform(layout.signature, [1.0, 0.5], arrow(8), first_full=True)
+    mixed = Plan(plan.model, (plan.positions[0], type(plan.positions[1])(0.5, tuple(
+        LayerDecision((FULL, arrow(8))) for _ in layout.signature.layers))), None, "mixed")
+    host_calls = []
+
+    def host(*a, **kw):
+        host_calls.append(1)
+        return host_attention(*a, **kw)
+
+    run = Run(layout, None, consumer_for=lambda d: HeadwiseEngine(mixed, backend="sdpa"),
+              position=mixed.position_for_sigma, fast_dense=fast)
+    run.fast_devices = ("cpu",)
+    for sigma in (1.0, 0.5):
+        _, to = _forward(run, sigma)
+        for spec in layout.signature.layers:
+            seq = (0 if spec.image_only else T) + N
+            if layout is FLUX:
+                q, k, v = flux_qkv(seq)
+                got = run(host, q, k, v, 2, skip_reshape=True,
+                          transformer_options={**to, "block_type": spec.name.split(".")[0], "block_index": 0})
+                want = host_attention(q, k, v, 2, skip_reshape=True)
+            else:
+                q = torch.randn(1, seq, 32)
+                got = run(host, q, q, q, heads=2, transformer_options=to)
+                want = host_attention(q, q, q, 2)
+            assert got.shape == want.shape
+            if sigma == 1.0:
+                torch.testing.assert_close(got, want)
+    n = len(layout.signature.layers)
+    assert not host_calls and len(served) == 2 * n  # all-full calls, then the one full head of each mixed layer
+    assert [s[1] for s in served] == [2] * n + [1] * n
+    s = run.finish()
+    assert s.engine_calls == 2 * n and s.heads["full"] == 3 * n and s.heads["arrow"] == n and not s.fallbacks
+    q, k, v = flux_qkv()
+    run.fast_devices = ("cuda",)
+    _, to = _forward(run, 1.0)
+    run(host, q, k, v, 2, skip_reshape=True, transformer_options={**to, "block_type": "double", "block_index": 0})
+    assert host_calls == [1]

@@ -311,3 +311,31 @@ def test_dense_fastest_serves_all_full_layers_and_full_heads(layout):
     _, to = _forward(run, 1.0)
     run(host, q, k, v, 2, skip_reshape=True, transformer_options={**to, "block_type": "double", "block_index": 0})
     assert host_calls == [1]
+
+
+def test_describe_override_names_the_core_nodes():
+    from dfav2.nodes.peers import describe_override
+
+    class ModelPatcher:  # the shape of ModelPatcher.set_model_optimized_attention's closure (ComfyUI >= 0.33)
+        def set_model_optimized_attention(self, optimized_attention):
+            def optimized_attention_override(_, *args, **kwargs):
+                return optimized_attention(*args, **kwargs)
+            return optimized_attention_override
+
+    def attention_pytorch(*a, **kw):
+        return None
+
+    assert describe_override(ModelPatcher().set_model_optimized_attention(attention_pytorch)) == \
+        "Model Attention Backend (attention_pytorch)"
+
+    def override(func, *a, **kw):
+        return func(*a, **kw)
+
+    override.__module__ = "comfy_extras.nodes_sparse_attention"
+    assert describe_override(override) == "Model Sparse Attention"
+
+    class Sage:
+        def __call__(self, func, *a, **kw):
+            return func(*a, **kw)
+
+    assert describe_override(Sage()).endswith("test_router.test_describe_override_names_the_core_nodes.<locals>.Sage")

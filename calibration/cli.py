@@ -26,12 +26,15 @@ def plan_image_tokens(plan: Plan, width: int, height: int) -> int:
     return image_tokens(width, height, vae_scale=vae_scale, patch=patch)
 
 
-def flops_kept(plan: Plan, *, width: int, height: int, txt_len: int, tile: int | None = None) -> tuple[float, float]:
+def flops_kept(plan: Plan, *, width: int, height: int, txt_len: int, tile: int | None = None,
+               n_img: int | None = None) -> tuple[float, float]:
     """Share of the dense attention FLOPs a plan keeps over all positions and layers, at one image size and text
     length: (token-exact, tile-granular). Tiles: `tile` tokens, or None (default) for the kernel's tile of each
     layer's head_dim (`kernels.cost.kernel_tile`, what the search optimised). 1.0 = all full; the tiled share
-    bounds the attention-time gain."""
-    n_img = plan_image_tokens(plan, width, height)
+    bounds the attention-time gain. `n_img`: the image tokens where the caller knows the model's latent format
+    (the host side); else from the plan's family."""
+    if n_img is None:
+        n_img = plan_image_tokens(plan, width, height)
     kept = [0, 0]
     dense = [0, 0]
     # A head's cost depends only on its layer's geometry and its method: count methods per layer once.

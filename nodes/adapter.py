@@ -71,10 +71,9 @@ class DFAPatch(HostPatch):
         fast = fastest_dense if self.dense == "fastest" and prev is None else None
         if self.dense == "fastest" and prev is not None:
             log.info("DiTFastAttnV2: another attention override is chained; it serves the full heads (dense 'host')")
-        full_by_dense, offload = fast is None, self.cache_offload
+        offload = self.cache_offload  # the run sets the engines' full_by_dense from its fast_dense
         return Run(self.layout, prev, position=position, check=check, fast_dense=fast,
-                   consumer_for=lambda device: HeadwiseEngine(plan, backend=backend, full_by_dense=full_by_dense,
-                                                              cache_offload=offload))
+                   consumer_for=lambda device: HeadwiseEngine(plan, backend=backend, cache_offload=offload))
 
     def _check_run(self, n_img: int, to: dict) -> None:
         """Warn once per run when the run differs from what the plan was calibrated for."""
@@ -102,6 +101,20 @@ class DFAPatch(HostPatch):
 
     def __repr__(self) -> str:
         return f"DFAPatch({self.label or self.plan.description or 'plan'}, {self.layout.signature.describe()})"
+
+
+_PREFERRED_WARNED: list[bool] = []
+
+
+def _warn_preferred_attention_once() -> None:
+    """Once per process: this host drops a checkpoint's preferred attention backend before any override."""
+    if not _PREFERRED_WARNED:
+        _PREFERRED_WARNED.append(True)
+        log.warning(
+            "DiTFastAttnV2: this ComfyUI does not hand a checkpoint's preferred attention backend to attention "
+            "overrides, so under DFAApply the heads the plan keeps full run the global backend, not the "
+            "checkpoint's own (e.g. int8). To choose it, place a Model Attention Backend node before DFAApply or "
+            "start ComfyUI with that backend's flag.")
 
 
 def _check_plan_fits(plan: Plan, layout: Layout) -> None:
@@ -166,6 +179,8 @@ def apply_dfa(
     if err:
         raise RuntimeError(err)
     _check_plan_fits(plan, layout)
+    if support.preferred_attention == "stripped":
+        _warn_preferred_attention_once()
     recorded = plan.calibration.weights if plan.calibration is not None else None
     if recorded is not None:
         mine = weights_fingerprint(model)

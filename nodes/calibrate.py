@@ -379,7 +379,8 @@ def calibrate_plan_node(
         ) from None
     cal = result.plan.calibration
     assert cal is not None
-    _, tiled = flops_kept(result.plan, width=cal.width, height=cal.height, txt_len=cal.txt_len)
+    _, tiled = flops_kept(result.plan, width=cal.width, height=cal.height, txt_len=cal.txt_len,
+                          n_img=layout.image_tokens(cal.width, cal.height))
     summary = "\n".join([
         f"plan: {saved}",
         summarize(result.plan),

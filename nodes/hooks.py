@@ -2,8 +2,8 @@
 
 One chained `optimized_attention_override` (the `HostPatch`; during a sampling run a per-run `router.Run` takes
 its place) plus keyed wrappers: OUTER_SAMPLE (per-run state, summary line), APPLY_MODEL (latent grid, text
-length, sigma -> plan position, SD3 layer counter) and the callbacks ON_PREPARE_STATE (stay on top of the
-override slot) and ON_CLEANUP (free the run's device memory).
+length, sigma -> plan position, SD3 layer counter; the run stays on top of the override slot, peers.py) and the
+callback ON_CLEANUP (free the run's device memory).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from ..kernels.engine import ArrowBackend
 from .host import SLOT
 from .layouts import Layout, Reason
+from .peers import describe_override
 from .router import TO_FORWARD, Run, RunSummary
 
 __all__ = ["WRAPPER_KEY", "SLOT", "TO_PATCH", "TO_RUN", "HostPatch", "install_patch", "begin_run", "forward_options"]
@@ -97,6 +98,12 @@ def _apply_model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         return executor(*args, **kwargs)
     new_to = dict(to)
     new_to[TO_FORWARD] = fwd
+    top = to.get(SLOT)
+    if top is not run:  # e.g. Model Sparse Attention re-installed itself on top this step: chain it, stay on top
+        if top is not None and top is not run.owner and top is not run.prev:
+            run.chain_dense(top)
+            _say_chained(run, top, later=True)
+        new_to[SLOT] = run
     if "transformer_options" in kwargs or len(args) <= 5:
         kwargs = {**kwargs, "transformer_options": new_to}
     else:
@@ -106,18 +113,26 @@ def _apply_model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
     return out
 
 
+def _say_chained(run: Run, override: Any, *, later: bool) -> None:
+    """Once per run: which node serves which calls when another override shares the slot (peers.py)."""
+    name = describe_override(override)
+    where = "after DFAApply (or re-installed itself on top)" if later else "before DFAApply"
+    run.warn_once(
+        "chained", "DiTFastAttnV2: the attention override %s was placed %s; DiTFastAttnV2 routes every attention call "
+        "of this model and %s runs the heads the plan keeps full and the calls that run dense", name, where, name,
+        level=logging.INFO)
+
+
 def begin_run(patch: HostPatch, model_options: dict, model_sampling: Any) -> Run:
     """Install a fresh run for `patch` into `model_options` (a per-run copy) and return it."""
     to = model_options.setdefault("transformer_options", {})
     cur = to.get(SLOT)
-    if cur is patch or isinstance(cur, (HostPatch, Run)):
-        prev = patch.prev
-    else:
-        prev = cur  # a non-chaining override installed after us: keep it for the dense heads
-        if cur is not None:
-            log.info("DiTFastAttnV2: another attention override was installed after DFAApply; chaining it for dense heads")
+    later = not (cur is patch or isinstance(cur, (HostPatch, Run)))
+    prev = cur if later else patch.prev  # a (non-chaining) override installed after us serves the dense heads
     run = patch.new_run(prev, model_sampling)
     run.owner = patch
+    if prev is not None:
+        _say_chained(run, prev, later=later)
     to[TO_RUN] = run
     to[SLOT] = run
     patch._active_runs.add(run)
@@ -144,21 +159,6 @@ def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         patch.end_run(run)
 
 
-def _on_prepare_state(patcher: Any, timestep: Any = None, model_options: dict | None = None, *_: Any, **__: Any) -> None:
-    """Stay on top of the override slot: a node that replaced it during the run gets chained, not lost."""
-    if not isinstance(model_options, dict):
-        return  # older hosts (0.3.64) call prepare_state without model_options
-    to = model_options.get("transformer_options")
-    if not isinstance(to, dict):
-        return
-    run = to.get(TO_RUN)
-    if isinstance(run, Run) and to.get(SLOT) is not run:
-        cur = to.get(SLOT)
-        if cur is not None and cur is not run.owner:
-            run.prev = cur
-        to[SLOT] = run
-
-
 def _on_cleanup(patch: HostPatch, patcher: Any, *_: Any, **__: Any) -> None:
     for run in list(patch._active_runs):
         run.release()
@@ -166,8 +166,9 @@ def _on_cleanup(patch: HostPatch, patcher: Any, *_: Any, **__: Any) -> None:
 
 def install_patch(model: Any, patch: HostPatch) -> Any:
     """Clone `model` and install `patch`: the override slot (chaining what was there; an earlier DFA patch is
-    replaced, not chained), keyed OUTER_SAMPLE / APPLY_MODEL wrappers and ON_PREPARE_STATE / ON_CLEANUP
-    callbacks. The input model is not modified. Sets `patch.prev`."""
+    replaced, not chained), keyed OUTER_SAMPLE / APPLY_MODEL wrappers and an ON_CLEANUP callback (an
+    ON_PREPARE_STATE callback left by an earlier pack version is removed). The input model is not modified. Sets
+    `patch.prev`."""
     import comfy.patcher_extension as pe
 
     m = model.clone()
@@ -187,6 +188,5 @@ def install_patch(model: Any, patch: HostPatch) -> Any:
     to[SLOT] = patch
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
     m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper)
-    m.add_callback_with_key(pe.CallbacksMP.ON_PREPARE_STATE, WRAPPER_KEY, _on_prepare_state)
     m.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, functools.partial(_on_cleanup, patch))
     return m

@@ -10,7 +10,8 @@ from typing import Any
 
 from ..host_compat import host_version
 
-__all__ = ["MIN_HOST_OVERRIDE", "MIN_HOST_FLUX", "SLOT", "HostSupport", "host_support", "host_version"]
+__all__ = ["MIN_HOST_OVERRIDE", "MIN_HOST_FLUX", "SLOT", "HostSupport", "host_support", "host_version",
+           "preferred_attention_mode"]
 
 #: First ComfyUI release with `transformer_options["optimized_attention_override"]` (PR #9639).
 MIN_HOST_OVERRIDE = "0.3.59"
@@ -27,6 +28,11 @@ class HostSupport:
     version: str
     override: bool  # optimized_attention_override honoured by the attention backends
     flux_block_identity: bool  # Flux writes block_type / block_index into transformer_options
+    #: How the host treats a checkpoint's `preferred_attention` (per-layer backend from checkpoint metadata, after
+    #: 0.33): "none" (the host has none: 0.30, 0.33), "passed" (it reaches an override, which honours it on the
+    #: dense path: router.Run._dense), "stripped" (wrap_attn drops it before any override: dense heads under DFA run
+    #: the global backend; DFAApply warns once).
+    preferred_attention: str = "none"
 
     def flux_error(self) -> str | None:
         if not self.override:
@@ -62,6 +68,14 @@ def _source_mentions(obj: Any, needle: str) -> bool | None:
         return None
 
 
+def preferred_attention_mode(wrap_attn_source: str | None) -> str:
+    """"none", "passed" or "stripped" (see HostSupport.preferred_attention) from the source of `wrap_attn`."""
+    if not wrap_attn_source or "preferred_attention" not in wrap_attn_source:
+        return "none"
+    compact = wrap_attn_source.replace("'", '"').replace(" ", "")
+    return "stripped" if 'kwargs.pop("preferred_attention"' in compact else "passed"
+
+
 @functools.lru_cache(maxsize=1)
 def host_support() -> HostSupport:
     """Probe the host once (imports ComfyUI modules; call only inside ComfyUI)."""
@@ -70,9 +84,13 @@ def host_support() -> HostSupport:
     wrap = getattr(attention, "wrap_attn", None)
     override = wrap is not None and _source_mentions(wrap, SLOT) is not False
     try:
+        wrap_source: str | None = inspect.getsource(wrap) if wrap is not None else None
+    except (OSError, TypeError):
+        wrap_source = None
+    try:
         from comfy.ldm.flux.model import Flux
 
         flux_ids = _source_mentions(Flux.forward_orig, "block_index")
     except ImportError:
         flux_ids = False
-    return HostSupport(host_version(), bool(override), flux_ids is not False)
+    return HostSupport(host_version(), bool(override), flux_ids is not False, preferred_attention_mode(wrap_source))

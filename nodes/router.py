@@ -24,6 +24,7 @@ from ..kernels.engine import AttentionConsumer, CallContext
 from ..kernels.methods import MethodKind
 from .calls import Call, parse_call
 from .layouts import Layout, Reason
+from .peers import describe_override
 
 __all__ = ["Run", "RunSummary", "ForwardRecord", "Forward", "TO_FORWARD"]
 
@@ -80,6 +81,7 @@ class RunSummary:
     fallbacks: dict[str, int]
     kept_flops: int
     dense_flops: int
+    dense_by: str | None = None  # the chained override that ran the full heads and dense calls (None: the host's)
 
     @property
     def flops_saved(self) -> float:
@@ -90,10 +92,11 @@ class RunSummary:
         share = " / ".join(f"{k} {100.0 * v / total:.0f}%" for k, v in self.heads.items())
         fb = sum(self.fallbacks.values())
         reasons = f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.fallbacks.items()))})" if fb else ""
+        dense_by = f"; full heads and dense calls ran {self.dense_by}" if self.dense_by else ""
         return (
             f"DiTFastAttnV2: {len(self.forwards)} forwards, {self.attention_calls} attention calls; heads {share}; "
             f"cache hits {self.cache_hits}, misses {self.cache_misses}; est. attention FLOPs saved "
-            f"{100.0 * self.flops_saved:.1f}%; dense fallbacks {fb}{reasons}"
+            f"{100.0 * self.flops_saved:.1f}%; dense fallbacks {fb}{reasons}{dense_by}"
         )
 
 
@@ -102,7 +105,7 @@ class Forward:
     lean path: `bypass[layer]` says the plan keeps that layer exactly dense here, `bypassed` lists those calls."""
 
     __slots__ = ("run", "position", "txt_len", "n_img", "key", "next_layer", "reason", "batch", "consumer",
-                 "bypass", "bypassed")
+                 "bypass", "bypassed", "calls_before")
 
     def __init__(self, run: Run, position: int | None, txt_len: int, n_img: int, key: Hashable,
                  reason: Reason | None) -> None:
@@ -117,6 +120,9 @@ class Forward:
         self.consumer: AttentionConsumer | None = None
         self.bypass: tuple[bool, ...] | None = None
         self.bypassed: list[int] = []
+        # The run's call counter at the start: end_forward compares the calls that reached the override with the
+        # model's layers (shared by concurrent forwards, so it can only over-count).
+        self.calls_before = run.attention_calls
 
 
 # ----------------------------------------------------------------------------------------------------- run
@@ -175,17 +181,27 @@ class Run:
                 c = self.consumers.get(device)
                 if c is None:
                     c = self.consumers[device] = self._consumer_for(device)
+                    if self.fast_dense is None and hasattr(c, "full_by_dense"):
+                        c.full_by_dense = True  # the host (or a chained override) serves every full head
         return c
 
-    def warn_once(self, key: str, message: str, *args: Any) -> None:
+    def chain_dense(self, prev: Callable[..., Any]) -> None:
+        """From now on `prev` (an override installed after this run began) serves the full heads and dense calls."""
+        self.prev = prev
+        self.fast_dense = None
+        for c in self.consumers.values():
+            if hasattr(c, "full_by_dense"):
+                c.full_by_dense = True
+
+    def warn_once(self, key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
         with self._lock:
             first = key not in self._warned
             self._warned.add(key)
         if first:
-            log.warning(message, *args)
+            log.log(level, message, *args)
 
-    def fallback(self, reason: Reason) -> None:
-        self.fallbacks[reason.kind] += 1
+    def fallback(self, reason: Reason, calls: int = 1) -> None:
+        self.fallbacks[reason.kind] += calls
         self.warn_once(reason.kind, "DiTFastAttnV2: %s; using the host's dense attention (warned once per run)", reason)
 
     # -- forwards ------------------------------------------------------------------------------------------
@@ -228,6 +244,11 @@ class Run:
             except TypeError:
                 chunk_key = (id(chunks),)
             key = (str(x.device), chunk_key, int(x.shape[0]))
+            replaced = (to.get("patches_replace") or {}).get("dit")
+            if replaced:
+                # Forwards with blocks replaced (e.g. the extra Skip Layer Guidance pass of the same conditioning)
+                # compute other head outputs: they keep their own cache, never the plain forward's.
+                key += (tuple(sorted(map(str, replaced))),)
         fwd = Forward(self, position, txt_len, n_img, key, reason)
         if reason is None and position is not None:
             consumer = fwd.consumer = self.consumer(x.device)
@@ -242,7 +263,13 @@ class Run:
     @_no_compile
     def end_forward(self, fwd: Forward) -> None:
         self._report_bypassed(fwd)
-        if self.layout.counts_calls and fwd.reason is None and fwd.next_layer not in (0, len(self.layers)):
+        seen, layers = self.attention_calls - fwd.calls_before, len(self.layers)
+        if seen < layers:  # the others ran without the plan: skipped blocks or attention around the slot
+            self.fallback(Reason(
+                "missed calls", f"a forward reached DiTFastAttnV2 with {seen} of the model's {layers} attention calls "
+                "(blocks skipped, e.g. by Skip Layer Guidance, or attention computed without the override slot); "
+                "the missing calls ran without the plan"), layers - seen)
+        elif self.layout.counts_calls and fwd.reason is None and fwd.next_layer not in (0, len(self.layers)):
             self.fallback(Reason(
                 "layer count",
                 f"a forward made {fwd.next_layer} attention calls but the model has {len(self.layers)} attention "
@@ -316,8 +343,14 @@ class Run:
         local = self._local
         local.depth = getattr(local, "depth", 0) + 1
         try:
-            if self.prev is not None:
+            if self.prev is not None:  # the host's precedence: an override wins over a preferred backend
                 return self.prev(func, *args, **kwargs)
+            if "preferred_attention" in kwargs:
+                # A checkpoint's own backend choice (hosts that hand it to overrides): honour it like the host would.
+                kwargs = dict(kwargs)
+                preferred = getattr(kwargs.pop("preferred_attention"), "function", None)
+                if preferred is not None:
+                    return preferred(*args, **kwargs)
             return func(*args, **kwargs)
         finally:
             local.depth -= 1
@@ -417,6 +450,7 @@ class Run:
             fallbacks=dict(self.fallbacks),
             kept_flops=kept,
             dense_flops=dense,
+            dense_by=describe_override(self.prev) if self.prev is not None else None,
         )
         self.release()
         self.consumers.clear()

@@ -170,8 +170,13 @@ def test_sd3_layer_counter_and_block_replace():
     fwd, to = _forward(run)
     q = torch.randn(1, T + N, 32)
     run(host_attention, q, q, q, heads=2, transformer_options=to)
-    run.end_forward(fwd)  # one call of two layers: the counter is off
-    assert run.fallbacks["layer count"] == 1
+    run.end_forward(fwd)  # one call of two layers: a call never reached the override
+    assert run.fallbacks == {"missed calls": 1}
+    fwd, to = _forward(run)
+    for _ in range(3):
+        run(host_attention, q, q, q, heads=2, transformer_options=to)
+    run.end_forward(fwd)  # three calls of two layers: a block ran twice, the counter is off
+    assert run.fallbacks["layer count"] == 1 and run.fallbacks["unknown layer"] == 1
     fwd, to = _forward(run, patches_replace={"dit": {("double_block", 0): object()}})
     assert fwd.reason is not None and fwd.reason.kind == "block replace"
     run(host_attention, q, q, q, heads=2, transformer_options=to)
@@ -184,6 +189,48 @@ def test_calls_outside_a_forward_run_the_host_backend():
     assert torch.equal(run(host_attention, q, k, v, 2, skip_reshape=True, transformer_options={}),
                        host_attention(q, k, v, 2, skip_reshape=True))
     assert run.finish().engine_calls == 0
+
+
+def test_a_forward_with_fewer_calls_than_layers_counts_the_missing_calls(caplog):
+    """Calls that never reach the override (an override on top that does not chain, skipped blocks) ran without
+    the plan: counted per missing call, warned once per run; complete forwards add nothing."""
+    run = _run(FLUX, _plan(FLUX, FULL))
+    q, k, v = flux_qkv()
+    with caplog.at_level(logging.WARNING, logger="dfav2.nodes"):
+        for blocks in (("double", "single"), ("double",), (), ("double",)):
+            fwd, to = _forward(run)
+            for bt in blocks:
+                run(host_attention, q, k, v, 2, skip_reshape=True,
+                    transformer_options={**to, "block_type": bt, "block_index": 0})
+            run.end_forward(fwd)
+    s = run.finish()
+    assert s.fallbacks == {"missed calls": 1 + 2 + 1}
+    assert len([r for r in caplog.records if "2 attention calls" in r.getMessage()]) == 1
+
+
+def test_dense_path_honours_a_preferred_attention_unless_an_override_is_chained():
+    """A checkpoint's preferred backend reaches the dense path on hosts that pass it to overrides; a chained
+    override wins over it, as in the host's own dispatch. The summary names the chained override."""
+    calls = []
+
+    class Preferred:
+        def function(self, q, k, v, heads, **kw):
+            calls.append("preferred")
+            assert "preferred_attention" not in kw
+            return host_attention(q, k, v, heads, **kw)
+
+    q, k, v = flux_qkv()
+    for prev in (None, lambda func, *a, **kw: (calls.append("prev"), func(*a, **kw))[1]):
+        calls.clear()
+        run = Run(FLUX, prev, consumer_for=lambda d: HeadwiseEngine(_plan(FLUX, FULL), backend="sdpa"),
+                  position=lambda s: None)  # every call dense
+        _, to = _forward(run)
+        out = run(host_attention, q, k, v, 2, skip_reshape=True, preferred_attention=Preferred(),
+                  transformer_options={**to, "block_type": "double", "block_index": 0})
+        assert torch.equal(out, host_attention(q, k, v, 2, skip_reshape=True))
+        assert calls == (["preferred"] if prev is None else ["prev"])
+        line = run.finish().line()
+        assert ("full heads and dense calls ran" in line) == (prev is not None), line
 
 
 def test_lean_path_counts_bypassed_layers_like_the_engine():
@@ -264,3 +311,46 @@ def test_dense_fastest_serves_all_full_layers_and_full_heads(layout):
     _, to = _forward(run, 1.0)
     run(host, q, k, v, 2, skip_reshape=True, transformer_options={**to, "block_type": "double", "block_index": 0})
     assert host_calls == [1]
+
+
+def test_describe_override_names_the_core_nodes():
+    from dfav2.nodes.peers import describe_override
+
+    class ModelPatcher:  # the shape of ModelPatcher.set_model_optimized_attention's closure (ComfyUI >= 0.33)
+        def set_model_optimized_attention(self, optimized_attention):
+            def optimized_attention_override(_, *args, **kwargs):
+                return optimized_attention(*args, **kwargs)
+            return optimized_attention_override
+
+    def attention_pytorch(*a, **kw):
+        return None
+
+    assert describe_override(ModelPatcher().set_model_optimized_attention(attention_pytorch)) == \
+        "Model Attention Backend (attention_pytorch)"
+
+    def override(func, *a, **kw):
+        return func(*a, **kw)
+
+    override.__module__ = "comfy_extras.nodes_sparse_attention"
+    assert describe_override(override) == "Model Sparse Attention"
+
+    class Sage:
+        def __call__(self, func, *a, **kw):
+            return func(*a, **kw)
+
+    assert describe_override(Sage()).endswith("test_router.test_describe_override_names_the_core_nodes.<locals>.Sage")
+
+
+def test_chaining_an_override_later_hands_it_every_full_head():
+    """An override installed after the run began (hooks: Model Sparse Attention re-installing itself) serves the
+    all-full calls and the full heads of mixed layers from then on, in engines made before and after."""
+    plan = Plan.uniform(FLUX.signature, [1.0, 0.5], arrow(8), first_full=True)
+    run = Run(FLUX, None, consumer_for=lambda d: HeadwiseEngine(plan, backend="sdpa"),
+              position=plan.position_for_sigma, fast_dense=lambda q, k, v, scale=None: q)
+    assert run.consumer(torch.device("cpu")).full_by_dense is False
+    run.chain_dense(lambda func, *a, **kw: func(*a, **kw))
+    assert run.fast_dense is None and run.consumer(torch.device("cpu")).full_by_dense is True
+    assert run.consumer(torch.device("meta")).full_by_dense is True
+    host_only = Run(FLUX, None, consumer_for=lambda d: HeadwiseEngine(plan, backend="sdpa"),
+                    position=plan.position_for_sigma)
+    assert host_only.consumer(torch.device("cpu")).full_by_dense is True

@@ -110,13 +110,21 @@ FLUX_KW = dict(
     depth=2, depth_single_blocks=4, axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
     guidance_embed=True, txt_ids_dims=[],
 )
+#: Flux 2 as ComfyUI detects it (model_detection: `double_stream_modulation_img` -> flux2, head_dim = sum(axes_dim)
+#: = 128, patch 1 on 128-channel latents of 16x downscale), 2 heads, 1 double + 2 single blocks.
+FLUX2_KW = dict(
+    in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=64, hidden_size=256, mlp_ratio=3.0,
+    num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False,
+    guidance_embed=True, txt_ids_dims=[3], global_modulation=True, mlp_silu_act=True, ops_bias=False,
+    default_ref_method="index", ref_index_scale=10.0,
+)
 SD3_KW = dict(
     depth=2, patch_size=2, in_channels=16, out_channels=16, adm_in_channels=64,
     context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
     num_patches=4096, pos_embed_max_size=64, qk_norm="rms",
 )
 CONTEXT_DIM = 64
-POOLED_DIM = {"flux": 32, "sd3": 64, "sd35m": 64}
+POOLED_DIM = {"flux": 32, "flux2": 32, "sd3": 64, "sd35m": 64}
 
 
 def _real_key(k: str) -> str:
@@ -144,6 +152,24 @@ def build_flux():
     fields = {f.name for f in dataclasses.fields(FluxParams)}
     kw = {k: v for k, v in FLUX_KW.items() if k in fields}
     return _init(Flux(operations=comfy.ops.disable_weight_init, **kw), 0)
+
+
+def has_flux2() -> bool:
+    """The host can build and detect Flux 2 (FluxParams with global modulation, supported_models.Flux2)."""
+    import dataclasses
+
+    import comfy.supported_models
+    from comfy.ldm.flux.model import FluxParams
+
+    fields = {f.name for f in dataclasses.fields(FluxParams)}
+    return hasattr(comfy.supported_models, "Flux2") and set(FLUX2_KW) <= fields
+
+
+def build_flux2():
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    return _init(Flux(operations=comfy.ops.disable_weight_init, **FLUX2_KW), 5)
 
 
 def build_sd3(attn2: bool):
@@ -217,10 +243,14 @@ def conditioning(family: str, tokens: int = 32, seed: int = 0, **extra):
     return [[ctx, {"pooled_output": pooled, "guidance": 3.5, **extra}]]
 
 
-def empty_latent(width: int, height: int, batch: int = 1) -> dict:
-    from comfy_extras.nodes_sd3 import EmptySD3LatentImage
+def empty_latent(width: int, height: int, batch: int = 1, family: str = "sd3") -> dict:
+    """The host's empty-latent node of the family (Flux 2: 128 channels at 1/16, else 16 channels at 1/8)."""
+    if family == "flux2":
+        from comfy_extras.nodes_flux import EmptyFlux2LatentImage as Empty
+    else:
+        from comfy_extras.nodes_sd3 import EmptySD3LatentImage as Empty
 
-    out = EmptySD3LatentImage.execute(width, height, batch)
+    out = Empty.execute(width, height, batch)
     return out.args[0] if hasattr(out, "args") else out[0]
 
 
@@ -232,7 +262,7 @@ def ksample(model, family: str, *, sampler: str = "euler", cfg: float = 1.0, ste
 
     pos = conditioning(family, pos_tokens, 1, **(pos_extra or {}))
     neg = conditioning(family, neg_tokens, 2, **(neg_extra or {}))
-    latent = empty_latent(width, height, batch)
+    latent = empty_latent(width, height, batch, family)
     return nodes.common_ksampler(model, seed, steps, cfg, sampler, "simple", pos, neg, latent)[0]["samples"]
 
 
@@ -276,15 +306,18 @@ def arrow_cache_plan(signature, sigmas, factor: int = 8):
     return plan_mod.Plan(signature, tuple(positions), None, f"arrow/{factor} + cache test plan")
 
 
-def expected_cache_counts(plan, forwards) -> tuple[int, int]:
+def expected_cache_counts(plan, forwards, skipped=None) -> tuple[int, int]:
     """(hits, misses) the plan implies for a run's forwards: a cached head hits iff the previous forward with the
-    same cache key kept it (the engine keeps `plan.keep_heads` of each routed forward)."""
+    same cache key kept it (the engine keeps `plan.keep_heads` of each routed forward). `skipped(forward)`: the
+    layer indices that forward never ran (blocks skipped, e.g. by Skip Layer Guidance)."""
     hits = misses = 0
     stored: dict = {}
     for f in forwards:
         if f.position is None:
             continue
         for li in range(len(plan.model.layers)):
+            if skipped is not None and li in skipped(f):
+                continue
             need = plan.decision(f.position, li).cache_heads
             have = stored.get((f.cache_key, li), ())
             if need:

@@ -20,16 +20,18 @@ __all__ = ["Geometry", "image_tokens", "grid_tokens", "kernel_tile", "band_pairs
 
 @dataclass(frozen=True)
 class Geometry:
-    """Shape of one attention call: text tokens first, then image tokens; heads × head_dim per layer."""
+    """Shape of one attention call: text tokens first, then image tokens, then `ref_len` reference tokens
+    (Kontext / edit reference latents, kept like text); heads × head_dim per layer."""
 
     txt_len: int
     n_img_tokens: int
     heads: int = 24
     head_dim: int = 128
     batch: int = 1
+    ref_len: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("txt_len", "n_img_tokens"):
+        for name in ("txt_len", "n_img_tokens", "ref_len"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("heads", "head_dim", "batch"):
@@ -38,7 +40,7 @@ class Geometry:
 
     @property
     def seq_len(self) -> int:
-        return self.txt_len + self.n_img_tokens
+        return self.txt_len + self.n_img_tokens + self.ref_len
 
     @property
     def dense_pairs(self) -> int:
@@ -54,35 +56,37 @@ def band_pairs(n: int, w: int) -> int:
     return n * (2 * w + 1) - w * (w + 1)
 
 
-def kept_pairs(txt_len: int, n_img_tokens: int, method: HeadMethod) -> int:
-    """Token-exact number of (q, k) score pairs one head computes (cache: 0)."""
-    seq = txt_len + n_img_tokens
+def kept_pairs(txt_len: int, n_img_tokens: int, method: HeadMethod, ref_len: int = 0) -> int:
+    """Token-exact number of (q, k) score pairs one head computes (cache: 0); `ref_len` reference tokens follow
+    the image and are kept like text (the window stays the image's N // (2 f))."""
+    seq = txt_len + n_img_tokens + ref_len
     if method.kind is MethodKind.FULL:
         return seq * seq
     if method.kind is MethodKind.CACHE:
         return 0
-    # text rows (T x L) + image rows x text cols (N x T) + image band
-    return txt_len * seq + n_img_tokens * txt_len + band_pairs(n_img_tokens, method.window(n_img_tokens))
+    dense = txt_len + ref_len
+    # text and reference rows (D x L) + image rows x text and reference cols (N x D) + image band
+    return dense * seq + n_img_tokens * dense + band_pairs(n_img_tokens, method.window(n_img_tokens))
 
 
 @lru_cache(maxsize=4096)
-def kept_tiles(txt_len: int, n_img_tokens: int, method: HeadMethod, tile: int) -> int:
+def kept_tiles(txt_len: int, n_img_tokens: int, method: HeadMethod, tile: int, ref_len: int = 0) -> int:
     """Number of tile×tile score tiles a block-sparse kernel computes for one head."""
-    seq = txt_len + n_img_tokens
+    seq = txt_len + n_img_tokens + ref_len
     if method.kind is MethodKind.CACHE or seq == 0:
         return 0
     nb = -(-seq // tile)
     if method.kind is MethodKind.FULL:
         return nb * nb
-    any_kept, _ = arrow_block_tables(txt_len, seq, [method.window(n_img_tokens)], tile)
+    any_kept, _ = arrow_block_tables(txt_len, seq, [method.window(n_img_tokens)], tile, ref_len=ref_len)
     return int(any_kept.sum())
 
 
 def head_cost(geometry: Geometry, method: HeadMethod, tile: int | None = None) -> int:
     """Cost of one head in score pairs: token-exact when `tile` is None, else tiles × tile²."""
     if tile is None:
-        return kept_pairs(geometry.txt_len, geometry.n_img_tokens, method)
-    return kept_tiles(geometry.txt_len, geometry.n_img_tokens, method, tile) * tile * tile
+        return kept_pairs(geometry.txt_len, geometry.n_img_tokens, method, geometry.ref_len)
+    return kept_tiles(geometry.txt_len, geometry.n_img_tokens, method, tile, geometry.ref_len) * tile * tile
 
 
 def decision_cost(geometry: Geometry, decision: LayerDecision, tile: int | None = None) -> tuple[int, int]:

@@ -101,16 +101,17 @@ class Forward:
     """Per model forward (one apply_model call): geometry, plan position, cache key, SD3 layer counter, and the
     lean path: `bypass[layer]` says the plan keeps that layer exactly dense here, `bypassed` lists those calls."""
 
-    __slots__ = ("run", "position", "txt_len", "n_img", "ref_len", "key", "next_layer", "reason", "batch",
+    __slots__ = ("run", "position", "txt_len", "n_img", "refs", "ref_len", "key", "next_layer", "reason", "batch",
                  "consumer", "bypass", "bypassed")
 
     def __init__(self, run: Run, position: int | None, txt_len: int, n_img: int, key: Hashable,
-                 reason: Reason | None, ref_len: int = 0) -> None:
+                 reason: Reason | None, refs: tuple[int, ...] = ()) -> None:
         self.run = run
         self.position = position
         self.txt_len = txt_len
         self.n_img = n_img
-        self.ref_len = ref_len  # reference tokens after the image (Kontext / edit)
+        self.refs = refs  # token counts of the reference latents after the image (Kontext / edit)
+        self.ref_len = sum(refs)
         self.key = key
         self.next_layer = 0
         self.reason = reason
@@ -162,7 +163,7 @@ class Run:
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._geometry: dict[tuple[int, int, int], tuple[tuple[int, int, int, int], ...]] = {}
+        self._geometry: dict[tuple, tuple[tuple, ...]] = {}
         self._unreported: list[Forward] = []  # forwards whose bypassed calls the consumer has not counted yet
         self._route_compiled = _no_compile(self._route)
 
@@ -194,7 +195,8 @@ class Run:
     def begin_forward(self, x: Any, sigma_t: Any, context: Any, to: dict, extra: dict) -> Forward:
         reason: Reason | None = None
         position = None
-        txt_len = n_img = ref_len = 0
+        txt_len = n_img = 0
+        refs: tuple[int, ...] = ()
         sigmas = to.get("sigmas", sigma_t)
         try:
             sigma = float(sigmas.reshape(-1)[0]) if torch.is_tensor(sigmas) else float(sigmas[0])
@@ -211,13 +213,13 @@ class Run:
             reason = Reason("no sigma for this forward")
         else:
             reason = self.layout.forward_reason(to)
-        refs = extra.get("ref_latents")
-        if reason is None and refs is not None:
-            counted = self.layout.reference_tokens(refs)
+        ref_latents = extra.get("ref_latents")
+        if reason is None and ref_latents is not None:
+            counted = self.layout.reference_tokens(ref_latents)
             if isinstance(counted, Reason):
                 reason = counted
             else:
-                ref_len = counted
+                refs = counted
         if reason is None:
             n_img = self.layout.latent_tokens(int(x.shape[-2]), int(x.shape[-1]))
             txt_len = self.layout.text_tokens(int(context.shape[1]))
@@ -234,7 +236,7 @@ class Run:
             except TypeError:
                 chunk_key = (id(chunks),)
             key = (str(x.device), chunk_key, int(x.shape[0]))
-        fwd = Forward(self, position, txt_len, n_img, key, reason, ref_len)
+        fwd = Forward(self, position, txt_len, n_img, key, reason, refs)
         if reason is None and position is not None:
             consumer = fwd.consumer = self.consumer(x.device)
             bypass_layers = getattr(consumer, "bypass_layers", None)  # the engine has it; the calibrator not
@@ -261,12 +263,12 @@ class Run:
         if not fwd.bypassed or fwd.consumer is None:
             return
         layers, fwd.bypassed = tuple(fwd.bypassed), []
-        gkey = (fwd.txt_len, fwd.n_img, fwd.ref_len)
+        gkey = (fwd.txt_len, fwd.n_img, fwd.refs)
         geo = self._geometry.get(gkey)
         if geo is None:
-            r = fwd.ref_len
             geo = self._geometry[gkey] = tuple(
-                (t, t + fwd.n_img + r, s.head_dim, r) for s in self.layers for t in (0 if s.image_only else fwd.txt_len,))
+                (t, t + fwd.n_img + fwd.ref_len, s.head_dim, fwd.refs) for s in self.layers
+                for t in (0 if s.image_only else fwd.txt_len,))
         fwd.consumer.record_bypassed(fwd.position, layers, geo, fwd.batch, fwd.key)  # type: ignore[attr-defined]
 
     def error(self, exc: Exception) -> None:
@@ -359,7 +361,7 @@ class Run:
         spec = self.layers[layer]
         txt_len = 0 if spec.image_only else fwd.txt_len
         call = parse_call(spec, txt_len, fwd.n_img, args, kwargs, fwd.ref_len)
-        ctx = CallContext(layer, fwd.position, txt_len, fwd.key, fwd.ref_len)
+        ctx = CallContext(layer, fwd.position, txt_len, fwd.key, fwd.refs)
         if isinstance(call, Reason):
             self.fallback(call)
             q = args[0] if args else None

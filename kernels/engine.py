@@ -250,8 +250,8 @@ def headwise_attention(
     b, heads, seq, d = q.shape
     if heads != decision.heads:
         raise ValueError(f"decision has {decision.heads} heads but q has {heads}")
-    ref_len = sum(refs)
-    if not (0 <= txt_len and txt_len + ref_len <= seq and all(r >= 0 for r in refs)):
+    ref_len = sum(refs) if refs else 0
+    if txt_len < 0 or txt_len + ref_len > seq or (refs and min(refs) < 0):
         raise ValueError(f"txt_len {txt_len} and references {refs} must be >= 0 and fit in {seq} tokens")
     dense_fn: DenseFn = dense if dense is not None else functools.partial(_sdpa, scale=scale)
     if tables is None:

@@ -82,7 +82,7 @@ class ProgressiveCalibrator:
         self.sigmas: list[float] = []
         self._decisions: list[dict[int, LayerDecision]] = []
         self._prev = OffloadStore(config.offload)
-        self._saving_cache: dict[tuple[int, int, int], np.ndarray] = {}
+        self._saving_cache: dict[tuple, np.ndarray] = {}
         self.rse_log: list[tuple[int, int, np.ndarray]] = []  # (position, layer, rse [H, M]) for reports
         self.stats = EngineStats()  # what the compressed outputs fed forward cost (as the engine reports it)
         self.txt_len: int | None = None  # text tokens of the first call of a text+image layer (for the record)
@@ -101,12 +101,12 @@ class ProgressiveCalibrator:
             self.sigmas.append(sigma)
             self._decisions.append({})
 
-    def _savings(self, txt_len: int, n_img: int, layer: int) -> np.ndarray:
-        key = (txt_len, n_img, layer)
+    def _savings(self, txt_len: int, n_img: int, layer: int, refs: tuple[int, ...] = ()) -> np.ndarray:
+        key = (txt_len, n_img, layer, refs)
         s = self._saving_cache.get(key)
         if s is None:
             spec = self.model.layers[layer]
-            geo = Geometry(txt_len, n_img, spec.heads, spec.head_dim)
+            geo = Geometry(txt_len, n_img, spec.heads, spec.head_dim, refs=refs)
             tile = self.config.tile or kernel_tile(spec.head_dim)
             full = head_cost(geo, FULL, tile)
             s = np.array([full - head_cost(geo, m, tile) for m in self.config.candidates], dtype=np.int64)
@@ -125,7 +125,8 @@ class ProgressiveCalibrator:
     ) -> torch.Tensor:
         """One attention call, q/k/v [B, H, L, D] text first -> compressed output [B, H, L, D].
 
-        `ctx.layer` and `ctx.txt_len` place the call; `ctx.cache_key` separates batches that the host evaluates
+        `ctx.layer`, `ctx.txt_len` and `ctx.refs` (reference latents' token counts after the image) place the call;
+        `ctx.cache_key` separates batches that the host evaluates
         separately (e.g. cond and uncond of different text lengths): the first chunk of a position decides,
         later chunks follow it. `ctx.position` is informational (positions come from `begin_forward`). The
         previous output of the next layer is fetched early. `scale` must be None (the default softmax scale).
@@ -134,7 +135,7 @@ class ProgressiveCalibrator:
             raise RuntimeError("begin_forward(sigma) must be called before attend()")
         if scale is not None:
             raise ValueError("the calibrator measures with the default softmax scale; got an explicit scale")
-        layer, txt_len, chunk = ctx.layer, ctx.txt_len, ctx.cache_key
+        layer, txt_len, chunk, refs = ctx.layer, ctx.txt_len, ctx.cache_key, ctx.refs
         if self.txt_len is None and not self.model.layers[layer].image_only:
             self.txt_len = txt_len
         pos = self.position
@@ -146,24 +147,24 @@ class ProgressiveCalibrator:
             dec = decisions[layer]
             cached = None if prev is None else CachedHeads(tuple(range(dec.heads)), prev)
             out, hit = headwise_attention(q, k, v, txt_len, dec, cached=cached, dense=dense, backend=self.backend,
-                                          tables=self.tables)
+                                          tables=self.tables, refs=refs)
         elif pos == 0:
             dec = decisions[layer] = LayerDecision.uniform(FULL, q.shape[1])
-            out, _ = headwise_attention(q, k, v, txt_len, dec, dense=dense, tables=self.tables)
+            out, _ = headwise_attention(q, k, v, txt_len, dec, dense=dense, tables=self.tables, refs=refs)
         else:
-            out, dec = self._search(pos, layer, txt_len, q, k, v, dense, prev)
+            out, dec = self._search(pos, layer, txt_len, q, k, v, dense, prev, refs)
             decisions[layer] = dec
-        self.stats.record(call_cost(dec, txt_len, q.shape[2] - txt_len, hit), q.shape[0], q.shape[3])
+        self.stats.record(call_cost(dec, txt_len, q.shape[2] - txt_len - sum(refs), hit, refs), q.shape[0], q.shape[3])
         self._prev.put(key, out)
         if layer + 1 < len(self.model.layers):
             self._prev.prefetch((chunk, layer + 1))
         return out
 
-    def _search(self, pos, layer, txt_len, q, k, v, dense, prev) -> tuple[torch.Tensor, LayerDecision]:
+    def _search(self, pos, layer, txt_len, q, k, v, dense, prev, refs=()) -> tuple[torch.Tensor, LayerDecision]:
         heads = q.shape[1]
-        n_img = q.shape[2] - txt_len
+        n_img = q.shape[2] - txt_len - sum(refs)
         dense_out, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(FULL, heads), dense=dense,
-                                          tables=self.tables)
+                                          tables=self.tables, refs=refs)
         outs: list[torch.Tensor | None] = []
         rses = []
         for m in self.config.candidates:
@@ -171,12 +172,12 @@ class ProgressiveCalibrator:
                 y = prev if prev is not None and prev.shape == dense_out.shape else None
             else:
                 y, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(m, heads), backend=self.backend,
-                                          tables=self.tables)
+                                          tables=self.tables, refs=refs)
             outs.append(y)
             rses.append(head_rse(y, dense_out) if y is not None else torch.full((heads,), float("inf"), device=q.device))
         rse = torch.stack(rses, 1).cpu().numpy().astype(np.float64)  # one sync per layer: decisions live on the host
         self.rse_log.append((pos, layer, rse))
-        savings = self._savings(txt_len, n_img, layer)
+        savings = self._savings(txt_len, n_img, layer, refs)
         if self.config.granularity == "layer":
             choice = solve_layer_uniform(rse, savings, self.config.delta)
         else:

@@ -9,26 +9,32 @@ the kernel share; `grid_tokens` / `image_tokens` the one image-token count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 from .masks import arrow_block_tables
 from .methods import HeadMethod, LayerDecision, MethodKind
 
-__all__ = ["Geometry", "image_tokens", "grid_tokens", "kernel_tile", "band_pairs", "kept_pairs", "kept_tiles", "head_cost", "decision_cost", "decision_flops"]
+__all__ = ["Geometry", "image_tokens", "grid_tokens", "kernel_tile", "band_pairs", "cross_band_pairs", "kept_pairs", "kept_tiles", "head_cost", "decision_cost", "decision_flops"]
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Shape of one attention call: text tokens first, then image tokens; heads × head_dim per layer."""
+    """Shape of one attention call: text tokens first, then image tokens, then the tokens of each reference latent
+    (`refs`, Kontext / edit); heads × head_dim per layer."""
 
     txt_len: int
     n_img_tokens: int
     heads: int = 24
     head_dim: int = 128
     batch: int = 1
+    refs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "refs", tuple(self.refs))
+        if any(r < 0 for r in self.refs):
+            raise ValueError(f"reference token counts must be >= 0, got {self.refs}")
         for name in ("txt_len", "n_img_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -38,7 +44,7 @@ class Geometry:
 
     @property
     def seq_len(self) -> int:
-        return self.txt_len + self.n_img_tokens
+        return self.txt_len + self.n_img_tokens + sum(self.refs)
 
     @property
     def dense_pairs(self) -> int:
@@ -54,35 +60,59 @@ def band_pairs(n: int, w: int) -> int:
     return n * (2 * w + 1) - w * (w + 1)
 
 
-def kept_pairs(txt_len: int, n_img_tokens: int, method: HeadMethod) -> int:
-    """Token-exact number of (q, k) score pairs one head computes (cache: 0)."""
-    seq = txt_len + n_img_tokens
+def _min_sum(x: int, a: int) -> int:
+    """sum_{i=1..x} min(a, i) (0 for x <= 0)."""
+    if x <= 0:
+        return 0
+    if x <= a:
+        return x * (x + 1) // 2
+    return a * (a + 1) // 2 + (x - a) * a
+
+
+def cross_band_pairs(a: int, b: int, w: int) -> int:
+    """#{(i, j) in [0, a) x [0, b): |i - j| <= w} in closed form (all pairs minus those beyond the band on each
+    side); `band_pairs(n, w)` is the square case."""
+    if a <= 0 or b <= 0:
+        return 0
+    return a * b - _min_sum(b - w - 1, a) - _min_sum(a - w - 1, b)
+
+
+def kept_pairs(txt_len: int, n_img_tokens: int, method: HeadMethod, refs: Sequence[int] = ()) -> int:
+    """Token-exact number of (q, k) score pairs one head computes (cache: 0). `refs`: reference segments after the
+    image; the band applies per pair of segments on offsets (masks.py), with the image's window N // (2 f)."""
+    seq = txt_len + n_img_tokens + sum(refs)
     if method.kind is MethodKind.FULL:
         return seq * seq
     if method.kind is MethodKind.CACHE:
         return 0
-    # text rows (T x L) + image rows x text cols (N x T) + image band
-    return txt_len * seq + n_img_tokens * txt_len + band_pairs(n_img_tokens, method.window(n_img_tokens))
+    w = method.window(n_img_tokens)
+    # text rows (T x L) + non-text rows x text cols ((L - T) x T) + the band of every (segment, segment) pair
+    if not refs:
+        band = band_pairs(n_img_tokens, w)
+    else:
+        segs = (n_img_tokens, *refs)
+        band = sum(cross_band_pairs(a, b, w) for a in segs for b in segs)
+    return txt_len * seq + (seq - txt_len) * txt_len + band
 
 
 @lru_cache(maxsize=4096)
-def kept_tiles(txt_len: int, n_img_tokens: int, method: HeadMethod, tile: int) -> int:
+def kept_tiles(txt_len: int, n_img_tokens: int, method: HeadMethod, tile: int, refs: tuple[int, ...] = ()) -> int:
     """Number of tile×tile score tiles a block-sparse kernel computes for one head."""
-    seq = txt_len + n_img_tokens
+    seq = txt_len + n_img_tokens + sum(refs)
     if method.kind is MethodKind.CACHE or seq == 0:
         return 0
     nb = -(-seq // tile)
     if method.kind is MethodKind.FULL:
         return nb * nb
-    any_kept, _ = arrow_block_tables(txt_len, seq, [method.window(n_img_tokens)], tile)
+    any_kept, _ = arrow_block_tables(txt_len, seq, [method.window(n_img_tokens)], tile, refs=refs)
     return int(any_kept.sum())
 
 
 def head_cost(geometry: Geometry, method: HeadMethod, tile: int | None = None) -> int:
     """Cost of one head in score pairs: token-exact when `tile` is None, else tiles × tile²."""
     if tile is None:
-        return kept_pairs(geometry.txt_len, geometry.n_img_tokens, method)
-    return kept_tiles(geometry.txt_len, geometry.n_img_tokens, method, tile) * tile * tile
+        return kept_pairs(geometry.txt_len, geometry.n_img_tokens, method, geometry.refs)
+    return kept_tiles(geometry.txt_len, geometry.n_img_tokens, method, tile, geometry.refs) * tile * tile
 
 
 def decision_cost(geometry: Geometry, decision: LayerDecision, tile: int | None = None) -> tuple[int, int]:

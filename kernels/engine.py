@@ -146,18 +146,20 @@ class KernelTables:
             t = self._store[key] = torch.tensor(heads, dtype=torch.long, device=device)
         return t  # type: ignore[return-value]
 
-    def band_mask(self, txt_len: int, seq_len: int, window: int, device: torch.device) -> torch.Tensor:
-        key = ("band", txt_len, seq_len, window, device)
+    def band_mask(self, txt_len: int, seq_len: int, window: int, device: torch.device,
+                  refs: tuple[int, ...] = ()) -> torch.Tensor:
+        key = ("band", txt_len, seq_len, window, device, refs)
         t = self._store.get(key)
         if t is None:
-            t = self._store[key] = arrow_keep(txt_len, seq_len, window, device)
+            t = self._store[key] = arrow_keep(txt_len, seq_len, window, device, refs)
         return t  # type: ignore[return-value]
 
-    def block_mask(self, txt_len: int, seq_len: int, windows: tuple[int, ...], device: torch.device):
-        key = ("flex", txt_len, seq_len, windows, device)
+    def block_mask(self, txt_len: int, seq_len: int, windows: tuple[int, ...], device: torch.device,
+                   refs: tuple[int, ...] = ()):
+        key = ("flex", txt_len, seq_len, windows, device, refs)
         t = self._store.get(key)
         if t is None:
-            t = self._store[key] = arrow_block_mask(txt_len, seq_len, windows, device=device)
+            t = self._store[key] = arrow_block_mask(txt_len, seq_len, windows, device=device, refs=refs)
         return t
 
     def window_table(self, windows: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -220,13 +222,14 @@ def headwise_attention(
     scale: float | None = None,
     tables: KernelTables | None = None,
     full_by_dense: bool = False,
+    refs: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, bool]:
     """Attention of one layer with per-head methods.
 
     Parameters
     ----------
     q, k, v : Tensor [B, H, L, D], text tokens first (any strides; same dtype and device).
-    txt_len : number of text tokens T (0 <= T <= L); image tokens are N = L - T.
+    txt_len : number of text tokens T (0 <= T <= L); image tokens are N = L - T - R.
     decision : this layer's methods at this position, one per head (H heads).
     cached : stored outputs for the cached heads; if it is missing or does not fit (shape, dtype,
         device, heads) the cached heads are computed in full instead (a *cache miss*).
@@ -238,6 +241,8 @@ def headwise_attention(
         them for this call only.
     full_by_dense : the Triton backend computes full heads in its own launch unless this is True; then `dense`
         computes them (DFAApply's dense "host": full heads always run the host's attention).
+    refs : token counts of the reference latents (Kontext / edit) after the image, in order; arrow heads band each
+        pair of segments on in-segment offsets (masks.py).
 
     Returns
     -------
@@ -249,8 +254,9 @@ def headwise_attention(
     b, heads, seq, d = q.shape
     if heads != decision.heads:
         raise ValueError(f"decision has {decision.heads} heads but q has {heads}")
-    if not 0 <= txt_len <= seq:
-        raise ValueError(f"txt_len must be in [0, {seq}], got {txt_len}")
+    ref_len = sum(refs) if refs else 0
+    if txt_len < 0 or txt_len + ref_len > seq or (refs and min(refs) < 0):
+        raise ValueError(f"txt_len {txt_len} and references {refs} must be >= 0 and fit in {seq} tokens")
     dense_fn: DenseFn = dense if dense is not None else functools.partial(_sdpa, scale=scale)
     if tables is None:
         tables = KernelTables()
@@ -263,8 +269,12 @@ def headwise_attention(
         return dense_fn(q, k, v), hit
 
     device = q.device
-    n_img = seq - txt_len
+    n_img = seq - txt_len - ref_len
     chosen = _resolve_backend(backend, device)
+    if chosen == "triton" and refs:
+        # The fused kernel knows only text + image; calls with reference segments run the same mask on
+        # FlexAttention (CUDA) or masked SDPA (elsewhere).
+        chosen = "flex" if device.type == "cuda" else "sdpa"
     if chosen == "triton":
         why = kernel_unsupported(q, k, v, heads)
         if why is not None:  # e.g. head_dim 96, float64, no CUDA: FlexAttention on CUDA, masked SDPA elsewhere
@@ -274,10 +284,10 @@ def headwise_attention(
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         for factor, group in decision.arrow_groups:
             idx = tables.index(group, device)
-            mask = tables.band_mask(txt_len, seq, decision.methods[group[0]].window(n_img), device)
+            mask = tables.band_mask(txt_len, seq, decision.methods[group[0]].window(n_img), device, refs)
             out[:, idx] = _sdpa(q[:, idx], k[:, idx], v[:, idx], scale, mask)
     elif chosen == "flex":
-        block_mask = tables.block_mask(txt_len, seq, decision.windows(n_img), device)
+        block_mask = tables.block_mask(txt_len, seq, decision.windows(n_img), device, refs)
         out = _flex_fn(device.type == "cuda")(q, k, v, block_mask=block_mask, scale=scale)
     elif chosen == "triton":
         # One launch for full and arrow heads; the kernel leaves the skipped (cached) heads of `out` alone, so the
@@ -338,13 +348,15 @@ class PlanLike(Protocol):
 
 
 class CallContext(NamedTuple):
-    """Where an attention call sits: plan layer index, plan position index, text length, cache key.
+    """Where an attention call sits: plan layer index, plan position index, text length, cache key, and the
+    token counts of the reference latents after the image (Kontext / edit; () without).
     (A NamedTuple: built once per routed call, where a frozen dataclass's __init__ costs ~1 µs more.)"""
 
     layer: int
     position: int
     txt_len: int
     cache_key: Hashable = None
+    refs: tuple[int, ...] = ()
 
 
 @dataclass
@@ -393,19 +405,20 @@ class CallCost:
 
 
 @functools.lru_cache(maxsize=512)
-def call_cost(decision: LayerDecision, txt_len: int, n_img: int, hit: bool) -> CallCost:
-    """The cost of running `decision` at (txt_len, n_img); without a cache `hit` the cached heads run full."""
+def call_cost(decision: LayerDecision, txt_len: int, n_img: int, hit: bool, refs: tuple[int, ...] = ()) -> CallCost:
+    """The cost of running `decision` at (txt_len, n_img, refs); without a cache `hit` the cached heads run
+    full."""
     n_cache = len(decision.cache_heads)
     kept = 0
     for m in decision.methods:
-        kept += kept_pairs(txt_len, n_img, FULL if (m.kind is MethodKind.CACHE and not hit) else m)
+        kept += kept_pairs(txt_len, n_img, FULL if (m.kind is MethodKind.CACHE and not hit) else m, refs)
     return CallCost(
         full=len(decision.full_heads) + (0 if hit else n_cache),
         arrow=len(decision.arrow_heads),
         cached=n_cache if hit else 0,
         missed=0 if hit else n_cache,
         kept_pairs=kept,
-        dense_pairs=(txt_len + n_img) ** 2 * decision.heads,
+        dense_pairs=(txt_len + n_img + sum(refs)) ** 2 * decision.heads,
     )
 
 
@@ -468,16 +481,16 @@ class HeadwiseEngine:
         self.stats.reset()
 
     def _entry(self, ctx: CallContext, seq: int, device: torch.device) -> _Entry:
-        key = (ctx.position, ctx.layer, ctx.txt_len, seq, device)
+        key = (ctx.position, ctx.layer, ctx.txt_len, seq, device, ctx.refs)
         e = self._entries.get(key)
         if e is None:
             e = _Entry()
             dec = e.decision = self.plan.decision(ctx.position, ctx.layer)
             e.keep = self.plan.keep_heads(ctx.position, ctx.layer)
             e.keep_index = self.tables.index(e.keep, device) if e.keep else None
-            n_img = seq - ctx.txt_len
-            e.hit_cost = call_cost(dec, ctx.txt_len, n_img, True)
-            e.miss_cost = call_cost(dec, ctx.txt_len, n_img, False)
+            n_img = seq - ctx.txt_len - sum(ctx.refs)
+            e.hit_cost = call_cost(dec, ctx.txt_len, n_img, True, ctx.refs)
+            e.miss_cost = call_cost(dec, ctx.txt_len, n_img, False, ctx.refs)
             self._entries[key] = e
         return e
 
@@ -494,18 +507,19 @@ class HeadwiseEngine:
             )
         return t
 
-    def record_bypassed(self, position: int, layers: tuple[int, ...], geometry: tuple[tuple[int, int, int], ...],
+    def record_bypassed(self, position: int, layers: tuple[int, ...], geometry: tuple[tuple, ...],
                         batch: int, cache_key: Hashable) -> None:
         """Count the calls of `layers` (bypassed at `position` in one forward) as full calls; `geometry[layer]` is
-        (text length, sequence length, head_dim). Their cache entries are dropped, as `attend` does when nothing
+        (text length, sequence length, head_dim[, reference token counts]). Their cache entries are dropped, as `attend` does when nothing
         is kept, so no later forward reuses an output older than this one."""
         key = (position, layers, geometry)
         agg = self._bypass_cost.get(key)
         if agg is None:
             full = kept = dense = 0
             for layer in layers:
-                txt_len, seq, head_dim = geometry[layer]
-                c = call_cost(self.plan.decision(position, layer), txt_len, seq - txt_len, True)
+                txt_len, seq, head_dim, *rest = geometry[layer]
+                refs: tuple[int, ...] = rest[0] if rest else ()
+                c = call_cost(self.plan.decision(position, layer), txt_len, seq - txt_len - sum(refs), True, refs)
                 full += c.full
                 kept += c.kept_pairs * 4 * head_dim
                 dense += c.dense_pairs * 4 * head_dim
@@ -537,7 +551,7 @@ class HeadwiseEngine:
             self.cache.prefetch((ctx.cache_key, ctx.layer + 1))
         out, hit = headwise_attention(
             q, k, v, ctx.txt_len, decision, cached=cached, dense=dense, backend=self.backend, scale=scale,
-            tables=self.tables, full_by_dense=self.full_by_dense,
+            tables=self.tables, full_by_dense=self.full_by_dense, refs=ctx.refs,
         )
         self.stats.record(e.hit_cost if hit else e.miss_cost, q.shape[0], q.shape[3])
         if e.keep_index is not None:

@@ -30,7 +30,8 @@ WINDOW_FULL = -1
 WINDOW_SKIP = -2
 _ASCII_FACTOR = re.compile(r"[1-9][0-9]{0,8}")
 
-# Any window w >= 0 is an arrow band: keep (q, k) iff q < T or k < T or |q - k| <= w (image tokens).
+# Any window w >= 0 is an arrow band: keep (q, k) iff q < T or k < T or |q - k| <= w (image tokens); with
+# reference latents after the image, |o(q) - o(k)| <= w on offsets inside each segment (masks.py).
 #: Largest factor a plan may name (half-width N // (2f) is 0 for any real image beyond this).
 MAX_ARROW_FACTOR = 4096
 

@@ -20,7 +20,8 @@ class Call:
     __slots__ = ("q", "k", "v", "batch", "seq_len", "heads", "head_dim", "flat")
 
 
-def parse_call(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs: dict) -> Call | Reason:
+def parse_call(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs: dict, ref_len: int = 0) -> Call | Reason:
+    """[B, H, L, D] views of a routable call with L = text + image + reference tokens, or why it is not one."""
     if len(args) < 3 or len(args) > 4:
         return Reason("arguments", f"unexpected attention call with {len(args)} positional arguments")
     q, k, v = args[0], args[1], args[2]
@@ -51,18 +52,19 @@ def parse_call(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs: d
     if heads != spec.heads or head_dim != spec.head_dim:
         return Reason("head mismatch", f"layer {spec.name}: plan expects {spec.heads} heads × {spec.head_dim}, "
                       f"call has {heads} × {head_dim}")
-    if seq_len != txt_len + n_img:
-        return Reason("layout", f"layer {spec.name}: sequence length {seq_len} is not text {txt_len} + image grid {n_img}")
+    if seq_len != txt_len + n_img + ref_len:
+        refs = f" + reference {ref_len}" if ref_len else ""
+        return Reason("layout", f"layer {spec.name}: sequence length {seq_len} is not text {txt_len} + image grid {n_img}{refs}")
     c = Call()
     c.q, c.k, c.v = q, k, v
     c.batch, c.seq_len, c.heads, c.head_dim, c.flat = batch, seq_len, heads, head_dim, flat
     return c
 
 
-def dense_reason(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs: dict) -> str | None:
+def dense_reason(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs: dict, ref_len: int = 0) -> str | None:
     """Why an attention call of layer `spec` (forward with `txt_len` text and `n_img` image tokens) must run the
     host's dense attention, or None when the plan can run it. `args`/`kwargs` are what the host passes to its
     attention backend: Flux q, k, v [B, H, L, D] with ``skip_reshape=True``, SD3 [B, L, H·D] with ``heads=``.
     The reason's `.kind` groups warnings. Pure: no state, no host import."""
-    r = parse_call(spec, 0 if spec.image_only else txt_len, n_img, args, kwargs)
+    r = parse_call(spec, 0 if spec.image_only else txt_len, n_img, args, kwargs, ref_len)
     return r if isinstance(r, Reason) else None

@@ -71,6 +71,23 @@ class Layout:
     def text_tokens(self, context_len: int) -> int:
         return context_len + self.register_length
 
+    def reference_tokens(self, ref_latents: Any) -> tuple[int, ...] | Reason:
+        """Reference tokens of a forward's `ref_latents` (Kontext / Flux 2 edit): the Flux families patchify each
+        reference latent like the image and append its tokens after the image tokens, in order (the host's
+        ``reference_image_num_tokens``, which it sets only inside the model, after our forward wrapper ran). One
+        count per reference latent, in order."""
+        if self.family not in ("flux", "flux2"):
+            return Reason("reference latents", f"reference latents are not part of the {self.family} layout")
+        counts = []
+        try:
+            for ref in ref_latents:
+                if not torch.is_tensor(ref) or ref.dim() < 3:
+                    return Reason("reference latents", "a reference latent is not a [B, C, H, W] tensor")
+                counts.append(self.latent_tokens(int(ref.shape[-2]), int(ref.shape[-1])))
+        except TypeError:
+            return Reason("reference latents", "reference latents are not a list of tensors")
+        return tuple(counts)
+
     def forward_reason(self, transformer_options: dict) -> Reason | None:
         """Why a whole forward cannot be routed for this family, or None."""
         if self.counts_calls:

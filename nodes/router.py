@@ -104,15 +104,17 @@ class Forward:
     """Per model forward (one apply_model call): geometry, plan position, cache key, SD3 layer counter, and the
     lean path: `bypass[layer]` says the plan keeps that layer exactly dense here, `bypassed` lists those calls."""
 
-    __slots__ = ("run", "position", "txt_len", "n_img", "key", "next_layer", "reason", "batch", "consumer",
-                 "bypass", "bypassed", "calls_before")
+    __slots__ = ("run", "position", "txt_len", "n_img", "refs", "ref_len", "key", "next_layer", "reason", "batch",
+                 "consumer", "bypass", "bypassed", "calls_before")
 
     def __init__(self, run: Run, position: int | None, txt_len: int, n_img: int, key: Hashable,
-                 reason: Reason | None) -> None:
+                 reason: Reason | None, refs: tuple[int, ...] = ()) -> None:
         self.run = run
         self.position = position
         self.txt_len = txt_len
         self.n_img = n_img
+        self.refs = refs  # token counts of the reference latents after the image (Kontext / edit)
+        self.ref_len = sum(refs)
         self.key = key
         self.next_layer = 0
         self.reason = reason
@@ -167,7 +169,7 @@ class Run:
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._geometry: dict[tuple[int, int], tuple[tuple[int, int, int], ...]] = {}
+        self._geometry: dict[tuple, tuple[tuple, ...]] = {}
         self._unreported: list[Forward] = []  # forwards whose bypassed calls the consumer has not counted yet
         self._route_compiled = _no_compile(self._route)
 
@@ -210,6 +212,7 @@ class Run:
         reason: Reason | None = None
         position = None
         txt_len = n_img = 0
+        refs: tuple[int, ...] = ()
         sigmas = to.get("sigmas", sigma_t)
         try:
             sigma = float(sigmas.reshape(-1)[0]) if torch.is_tensor(sigmas) else float(sigmas[0])
@@ -220,14 +223,19 @@ class Run:
             reason = Reason("latent is not [B, C, H, W]")
         elif context is None or not torch.is_tensor(context) or context.dim() != 3:
             reason = Reason("no text conditioning tensor")
-        elif extra.get("ref_latents") is not None:
-            reason = Reason("reference latents (Kontext / edit) are not part of a plan's layout")
         elif extra.get("attention_mask") is not None:
             reason = Reason("an attention mask is present")
         elif not math.isfinite(sigma):
             reason = Reason("no sigma for this forward")
         else:
             reason = self.layout.forward_reason(to)
+        ref_latents = extra.get("ref_latents")
+        if reason is None and ref_latents is not None:
+            counted = self.layout.reference_tokens(ref_latents)
+            if isinstance(counted, Reason):
+                reason = counted
+            else:
+                refs = counted
         if reason is None:
             n_img = self.layout.latent_tokens(int(x.shape[-2]), int(x.shape[-1]))
             txt_len = self.layout.text_tokens(int(context.shape[1]))
@@ -249,7 +257,7 @@ class Run:
                 # Forwards with blocks replaced (e.g. the extra Skip Layer Guidance pass of the same conditioning)
                 # compute other head outputs: they keep their own cache, never the plain forward's.
                 key += (tuple(sorted(map(str, replaced))),)
-        fwd = Forward(self, position, txt_len, n_img, key, reason)
+        fwd = Forward(self, position, txt_len, n_img, key, reason, refs)
         if reason is None and position is not None:
             consumer = fwd.consumer = self.consumer(x.device)
             bypass_layers = getattr(consumer, "bypass_layers", None)  # the engine has it; the calibrator not
@@ -282,10 +290,12 @@ class Run:
         if not fwd.bypassed or fwd.consumer is None:
             return
         layers, fwd.bypassed = tuple(fwd.bypassed), []
-        geo = self._geometry.get((fwd.txt_len, fwd.n_img))
+        gkey = (fwd.txt_len, fwd.n_img, fwd.refs)
+        geo = self._geometry.get(gkey)
         if geo is None:
-            geo = self._geometry[(fwd.txt_len, fwd.n_img)] = tuple(
-                (t, t + fwd.n_img, s.head_dim) for s in self.layers for t in (0 if s.image_only else fwd.txt_len,))
+            geo = self._geometry[gkey] = tuple(
+                (t, t + fwd.n_img + fwd.ref_len, s.head_dim, fwd.refs) for s in self.layers
+                for t in (0 if s.image_only else fwd.txt_len,))
         fwd.consumer.record_bypassed(fwd.position, layers, geo, fwd.batch, fwd.key)  # type: ignore[attr-defined]
 
     def error(self, exc: Exception) -> None:
@@ -383,8 +393,8 @@ class Run:
             return _BYPASS
         spec = self.layers[layer]
         txt_len = 0 if spec.image_only else fwd.txt_len
-        call = parse_call(spec, txt_len, fwd.n_img, args, kwargs)
-        ctx = CallContext(layer, fwd.position, txt_len, fwd.key)
+        call = parse_call(spec, txt_len, fwd.n_img, args, kwargs, fwd.ref_len)
+        ctx = CallContext(layer, fwd.position, txt_len, fwd.key, fwd.refs)
         if isinstance(call, Reason):
             self.fallback(call)
             q = args[0] if args else None

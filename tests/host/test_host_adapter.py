@@ -149,23 +149,6 @@ def test_cond_uncond_of_different_text_lengths(models, family):
     assert (s.cache_hits, s.cache_misses) == H.expected_cache_counts(ac_plan, s.forwards)
 
 
-def test_reference_latents_fall_back_exactly_with_one_warning(models, caplog):
-    """Kontext/edit reference tokens are not in a plan's layout: dense (the host's own attention), warned once."""
-    _need("flux")
-    model = models["flux"]
-    _, ac_plan = _plans(model)
-    refs = {"reference_latents": [torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(3))]}
-    ref = H.ksample(model, "flux", pos_extra=refs, neg_extra=refs)
-    ac = A.apply_dfa(model, plan=ac_plan)
-    with caplog.at_level(logging.WARNING, logger="dfav2.nodes"):
-        out = H.ksample(ac, "flux", pos_extra=refs, neg_extra=refs)
-    assert torch.equal(out, ref)
-    warnings = [r for r in caplog.records if r.name.startswith("dfav2") and r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    s = _summary(ac)
-    assert s.engine_calls == 0 and sum(s.fallbacks.values()) == s.attention_calls > 0
-
-
 def _call_override(to, func, *args, **kwargs):
     return to[K.SLOT](func, *args, transformer_options=to, _inside_attn_wrapper=True, **kwargs)
 

@@ -15,7 +15,8 @@ from ..kernels.engine import CACHE_OFFLOAD_MODES, ArrowBackend, CacheOffload, He
 from .hooks import TO_PATCH, TO_RUN, HostPatch, begin_run, install_patch
 from .host import host_support
 from .layouts import Layout, model_layout, weights_fingerprint
-from .router import Run, RunSummary
+from .router import Run
+from .summary import RunSummary
 
 __all__ = ["TO_PATCH", "DFAPatch", "apply_dfa", "standalone_run", "finish_run"]
 

@@ -29,7 +29,8 @@ from .hooks import HostPatch, install_patch
 from .host import host_support, host_version
 from .layouts import Layout, model_layout, weights_fingerprint
 from .plans import plan_write_path
-from .router import Run, RunSummary
+from .router import Run
+from .summary import RunSummary
 
 __all__ = [
     "CalibrationPatch", "CalibrationResult", "calibrate_dfa", "encode_prompts", "host_version", "CANDIDATE_SETS", "DEFAULT_CANDIDATE_SET",

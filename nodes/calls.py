@@ -1,16 +1,22 @@
-"""What an attention call of a planned layer looks like, checked without state or host import: `dense_reason`
-says why a call must run the host's dense attention, `parse_call` turns a routable call into [B, H, L, D] views.
+"""What a forward and an attention call of a planned layer look like, checked without state or host import:
+`describe_forward` gives a forward's geometry and cache key (or why it runs dense), `dense_reason` says why a call
+must run the host's dense attention, `parse_call` turns a routable call into [B, H, L, D] views, `dense_call` runs
+an all-full call on another dense function in the host's layouts.
 Flux passes q, k, v [B, H, L, D] with ``skip_reshape=True``; SD3 passes [B, L, H·D] with ``heads=`` (and v,
 sometimes k, as [B, L, H, D])."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Hashable
+from typing import Any
+
 import torch
 
 from ..calibration.plan import LayerSpec
-from .layouts import Reason
+from .layouts import Layout, Reason
 
-__all__ = ["Call", "dense_reason", "parse_call"]
+__all__ = ["Call", "dense_call", "dense_reason", "describe_forward", "parse_call"]
 
 
 
@@ -68,3 +74,59 @@ def dense_reason(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs:
     The reason's `.kind` groups warnings. Pure: no state, no host import."""
     r = parse_call(spec, 0 if spec.image_only else txt_len, n_img, args, kwargs, ref_len)
     return r if isinstance(r, Reason) else None
+
+
+def describe_forward(layout: Layout, x: Any, context: Any, to: dict, extra: dict, sigma: float
+                     ) -> tuple[Reason | None, int, int, tuple[int, ...], Hashable]:
+    """What one model forward looks like to the plan: (why it must run dense or None, text tokens, image tokens,
+    reference-latent token counts, cache key). `x` is the latent [B, C, H, W], `context` the text conditioning
+    [B, T, C], `to` the forward's transformer_options, `extra` its ``ref_latents`` / ``attention_mask``."""
+    if not (torch.is_tensor(x) and x.dim() == 4):
+        return Reason("latent is not [B, C, H, W]"), 0, 0, (), None
+    if context is None or not torch.is_tensor(context) or context.dim() != 3:
+        return Reason("no text conditioning tensor"), 0, 0, (), None
+    if extra.get("attention_mask") is not None:
+        return Reason("an attention mask is present"), 0, 0, (), None
+    if not math.isfinite(sigma):
+        return Reason("no sigma for this forward"), 0, 0, (), None
+    reason = layout.forward_reason(to)
+    if reason is not None:
+        return reason, 0, 0, (), None
+    refs: tuple[int, ...] = ()
+    if extra.get("ref_latents") is not None:
+        counted = layout.reference_tokens(extra["ref_latents"])
+        if isinstance(counted, Reason):
+            return counted, 0, 0, (), None
+        refs = counted
+    n_img = layout.latent_tokens(int(x.shape[-2]), int(x.shape[-1]))
+    txt_len = layout.text_tokens(int(context.shape[1]))
+    chunks = to.get("uuids") or to.get("cond_or_uncond") or ()
+    try:
+        chunk_key = tuple(chunks)
+    except TypeError:
+        chunk_key = (id(chunks),)
+    key: tuple = (str(x.device), chunk_key, int(x.shape[0]))
+    replaced = (to.get("patches_replace") or {}).get("dit")
+    if replaced:
+        # Forwards with blocks replaced (e.g. the extra Skip Layer Guidance pass of the same conditioning) compute
+        # other head outputs: they keep their own cache, never the plain forward's.
+        key += (tuple(sorted(map(str, replaced))),)
+    return None, txt_len, n_img, refs, key
+
+
+def dense_call(fast: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+    """Run an attention call whose heads all run full with `fast` ((q, k, v, scale) on [B, H, L, D]), taking and
+    returning the host's layouts: Flux [B, H, L, D] (``skip_reshape``), SD3 [B, L, H·D] (v, sometimes k, as
+    [B, L, H, D]); the output is [B, L, H·D] unless ``skip_output_reshape``."""
+    q, k, v = args[0], args[1], args[2]
+    heads = args[3] if len(args) > 3 else kwargs["heads"]
+    if kwargs.get("skip_reshape", False):
+        b, _, seq, d = q.shape
+    else:
+        b, seq, hd = q.shape
+        d = hd // heads
+        q, k, v = (t.reshape(b, seq, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = fast(q, k, v, kwargs.get("scale"))
+    if kwargs.get("skip_output_reshape", False):
+        return out
+    return out.transpose(1, 2).reshape(b, seq, heads * d)

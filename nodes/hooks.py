@@ -19,7 +19,8 @@ from ..kernels.engine import ArrowBackend
 from .host import SLOT
 from .layouts import Layout, Reason
 from .peers import describe_override
-from .router import TO_FORWARD, Run, RunSummary
+from .router import TO_FORWARD, Run
+from .summary import RunSummary
 
 __all__ = ["WRAPPER_KEY", "SLOT", "TO_PATCH", "TO_RUN", "HostPatch", "install_patch", "begin_run", "forward_options"]
 

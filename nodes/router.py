@@ -15,18 +15,18 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..kernels.engine import AttentionConsumer, CallContext
 from ..kernels.methods import MethodKind
-from .calls import Call, parse_call
+from .calls import Call, dense_call, describe_forward, parse_call
 from .layouts import Layout, Reason
 from .peers import describe_override
+from .summary import ForwardRecord, RunSummary
 
-__all__ = ["Run", "RunSummary", "ForwardRecord", "Forward", "TO_FORWARD"]
+__all__ = ["Run", "Forward", "TO_FORWARD"]
 
 log = logging.getLogger(__name__)
 
@@ -54,50 +54,6 @@ _BYPASS = object()  # _route's answer for a call the plan keeps all full (no par
 def _is_compiling() -> bool:
     f = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return bool(f()) if f is not None else False
-
-
-# ---------------------------------------------------------------------------------------------- run records
-
-
-@dataclass(frozen=True)
-class ForwardRecord:
-    """One model forward of a run: its sigma, the plan position used (None: dense) and the cache key."""
-
-    sigma: float
-    position: int | None
-    cache_key: Hashable
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """What one sampling run did (also logged as one line)."""
-
-    forwards: tuple[ForwardRecord, ...]
-    attention_calls: int
-    engine_calls: int
-    heads: dict[str, int]
-    cache_hits: int
-    cache_misses: int
-    fallbacks: dict[str, int]
-    kept_flops: int
-    dense_flops: int
-    dense_by: str | None = None  # the chained override that ran the full heads and dense calls (None: the host's)
-
-    @property
-    def flops_saved(self) -> float:
-        return 0.0 if self.dense_flops == 0 else 1.0 - self.kept_flops / self.dense_flops
-
-    def line(self) -> str:
-        total = sum(self.heads.values()) or 1
-        share = " / ".join(f"{k} {100.0 * v / total:.0f}%" for k, v in self.heads.items())
-        fb = sum(self.fallbacks.values())
-        reasons = f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.fallbacks.items()))})" if fb else ""
-        dense_by = f"; full heads and dense calls ran {self.dense_by}" if self.dense_by else ""
-        return (
-            f"DiTFastAttnV2: {len(self.forwards)} forwards, {self.attention_calls} attention calls; heads {share}; "
-            f"cache hits {self.cache_hits}, misses {self.cache_misses}; est. attention FLOPs saved "
-            f"{100.0 * self.flops_saved:.1f}%; dense fallbacks {fb}{reasons}{dense_by}"
-        )
 
 
 class Forward:
@@ -209,36 +165,14 @@ class Run:
     # -- forwards ------------------------------------------------------------------------------------------
     @_no_compile
     def begin_forward(self, x: Any, sigma_t: Any, context: Any, to: dict, extra: dict) -> Forward:
-        reason: Reason | None = None
         position = None
-        txt_len = n_img = 0
-        refs: tuple[int, ...] = ()
         sigmas = to.get("sigmas", sigma_t)
         try:
             sigma = float(sigmas.reshape(-1)[0]) if torch.is_tensor(sigmas) else float(sigmas[0])
         except Exception:  # noqa: BLE001 - never fail a forward over bookkeeping
             sigma = math.nan
-        key: Hashable = None
-        if not (torch.is_tensor(x) and x.dim() == 4):
-            reason = Reason("latent is not [B, C, H, W]")
-        elif context is None or not torch.is_tensor(context) or context.dim() != 3:
-            reason = Reason("no text conditioning tensor")
-        elif extra.get("attention_mask") is not None:
-            reason = Reason("an attention mask is present")
-        elif not math.isfinite(sigma):
-            reason = Reason("no sigma for this forward")
-        else:
-            reason = self.layout.forward_reason(to)
-        ref_latents = extra.get("ref_latents")
-        if reason is None and ref_latents is not None:
-            counted = self.layout.reference_tokens(ref_latents)
-            if isinstance(counted, Reason):
-                reason = counted
-            else:
-                refs = counted
+        reason, txt_len, n_img, refs, key = describe_forward(self.layout, x, context, to, extra, sigma)
         if reason is None:
-            n_img = self.layout.latent_tokens(int(x.shape[-2]), int(x.shape[-1]))
-            txt_len = self.layout.text_tokens(int(context.shape[1]))
             if self._check is not None:
                 self._check(n_img, to)
             try:
@@ -246,17 +180,6 @@ class Run:
             except Exception as exc:  # noqa: BLE001 - e.g. the calibrator refused the sigma
                 self.error(exc)
                 position = None
-            chunks = to.get("uuids") or to.get("cond_or_uncond") or ()
-            try:
-                chunk_key = tuple(chunks)
-            except TypeError:
-                chunk_key = (id(chunks),)
-            key = (str(x.device), chunk_key, int(x.shape[0]))
-            replaced = (to.get("patches_replace") or {}).get("dit")
-            if replaced:
-                # Forwards with blocks replaced (e.g. the extra Skip Layer Guidance pass of the same conditioning)
-                # compute other head outputs: they keep their own cache, never the plain forward's.
-                key += (tuple(sorted(map(str, replaced))),)
         fwd = Forward(self, position, txt_len, n_img, key, reason, refs)
         if reason is None and position is not None:
             consumer = fwd.consumer = self.consumer(x.device)
@@ -333,21 +256,10 @@ class Run:
                 or q.device.type not in self.fast_devices):
             return self._dense(func, args, kwargs)
         try:
-            k, v = args[1], args[2]
-            heads = args[3] if len(args) > 3 else kwargs["heads"]
-            if kwargs.get("skip_reshape", False):
-                b, _, seq, d = q.shape
-            else:  # SD3: [B, L, H*D] (v, sometimes k, as [B, L, H, D])
-                b, seq, hd = q.shape
-                d = hd // heads
-                q, k, v = (t.reshape(b, seq, heads, d).transpose(1, 2) for t in (q, k, v))
-            out = fast(q, k, v, kwargs.get("scale"))
+            return dense_call(fast, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - the override never raises
             self.fallback(Reason("dense", f"fast dense attention failed ({type(exc).__name__}: {exc})"))
             return self._dense(func, args, kwargs)
-        if kwargs.get("skip_output_reshape", False):
-            return out
-        return out.transpose(1, 2).reshape(b, seq, heads * d)
 
     def _dense(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         local = self._local

@@ -14,6 +14,7 @@ from ..kernels.engine import ArrowBackend, HeadwiseEngine
 from .hooks import TO_PATCH, TO_RUN, HostPatch, begin_run, install_patch
 from .host import host_support
 from .layouts import Layout, model_layout, weights_fingerprint
+from . import report
 from .router import Run, RunSummary
 
 __all__ = ["TO_PATCH", "DFAPatch", "apply_dfa", "standalone_run", "finish_run"]
@@ -34,12 +35,14 @@ class DFAPatch(HostPatch):
         backend: ArrowBackend,
         prev: Callable[..., Any] | None = None,
         label: str = "",
+        node_id: str | None = None,
     ) -> None:
         super().__init__(layout=layout, backend=backend, prev=prev)
         self.plan = plan
         self.start_percent = start_percent
         self.end_percent = end_percent
         self.label = label
+        self.node_id = node_id  # the DFAApply node (its UI shows the per-run report)
 
     def new_run(self, prev: Callable[..., Any] | None, model_sampling: Any) -> Run:
         start_sigma, end_sigma = math.inf, -math.inf
@@ -85,6 +88,8 @@ class DFAPatch(HostPatch):
     def end_run(self, run: Run) -> RunSummary:
         summary = super().end_run(run)
         log.info("%s", summary.line())
+        report.send(report.REPORT_EVENT, report.report_payload(
+            summary, node=self.node_id, label=self.label, signature=self.layout.signature))
         return summary
 
     def __repr__(self) -> str:
@@ -109,6 +114,7 @@ def apply_dfa(
     end_percent: float = 1.0,
     backend: ArrowBackend = "auto",
     label: str = "",
+    node_id: str | None = None,
 ) -> Any:
     """Return a clone of `model` (a ComfyUI ModelPatcher) that runs `plan` in its attention.
 
@@ -120,6 +126,7 @@ def apply_dfa(
     start_percent, end_percent : sampling range (0 = first step, 1 = last) where the plan is used; outside it
         every head is dense. 0 <= start_percent <= end_percent <= 1.
     backend : arrow backend of the engine ("auto", "triton", "flex", "sdpa").
+    label, node_id : the plan's name and the DFAApply node for the log line and the UI's per-run report.
 
     Raises
     ------
@@ -152,7 +159,7 @@ def apply_dfa(
                 "model if the result changes visibly.", label or plan.description or "(unnamed)", recorded, mine)
     patch = DFAPatch(
         plan=plan, layout=layout, start_percent=float(start_percent), end_percent=float(end_percent),
-        backend=backend, label=label,
+        backend=backend, label=label, node_id=node_id,
     )
     return install_patch(model, patch)
 

@@ -14,7 +14,7 @@ from ..calibration.plan import Plan, PlanError, load_plan, read_plan_bytes
 
 __all__ = [
     "FOLDER", "NO_PLAN", "register_plan_folder", "plan_options", "resolve_plan_path", "load_plan_file",
-    "plan_fingerprint", "safe_plan_file_name", "plan_write_path",
+    "plan_fingerprint", "safe_plan_file_name", "plan_write_path", "plan_infos",
 ]
 
 FOLDER = "dfa_plans"
@@ -119,3 +119,30 @@ def plan_write_path(name: str, *, overwrite: bool) -> Path:
     if not folders:
         raise ValueError("no dfa_plans folder is registered (models/dfa_plans); reinstall the pack")
     return Path(folders[0]) / file_name
+
+
+_INFO_CACHE: dict[str, tuple[float, int, dict]] = {}
+
+
+def plan_infos() -> list[dict]:
+    """For the UI's plan dropdown: per plan file its model family, signature and calibration size (see
+    `report.plan_info`), or an ``error`` for a file that is not a valid plan. Parsed files are cached by mtime."""
+    from .report import plan_info
+
+    out = []
+    for name in plan_options():
+        if name == NO_PLAN:
+            continue
+        try:
+            path = resolve_plan_path(name)
+            st = os.stat(path)
+            hit = _INFO_CACHE.get(path)
+            if hit is not None and hit[:2] == (st.st_mtime, st.st_size):
+                out.append(hit[2])
+                continue
+            info = plan_info(name, load_plan(path))
+            _INFO_CACHE[path] = (st.st_mtime, st.st_size, info)
+        except (OSError, ValueError) as exc:  # PlanError is a ValueError
+            info = {"name": name, "error": str(exc)}
+        out.append(info)
+    return out

@@ -14,6 +14,8 @@ from ..calibration.search import DEFAULT_DELTA
 from .adapter import apply_dfa
 from .calibrate import CANDIDATE_SETS, DEFAULT_CANDIDATE_SET, calibrate_plan_node
 from .plans import NO_PLAN, load_plan_file, plan_fingerprint, plan_options, register_plan_folder
+from .refnodes import REF_NODES
+from .report import register_routes
 
 __all__ = ["DFAApply", "DFALoadPlan", "DFACalibrate", "DFAExtension", "CATEGORY", "DFA_PLAN"]
 
@@ -21,6 +23,7 @@ CATEGORY = "model_patches/DiTFastAttnV2"
 DFA_PLAN = io.Custom("DFA_PLAN")
 
 register_plan_folder()
+register_routes()  # GET /dfav2/plans for web/dfav2.js; nothing without a server
 
 
 def _advanced() -> dict[str, Any]:
@@ -32,15 +35,17 @@ def _advanced() -> dict[str, Any]:
     return {"advanced": True} if ok else {}
 
 
-def _plan_combo() -> Any:
+def _plan_combo(default_none: bool = False) -> Any:
     options = plan_options()
     return io.Combo.Input(
         "plan",
         options=options,
-        default=options[0],
+        # A new Apply node starts at 'none' (not the alphabetically first plan, which may be for another model).
+        default=NO_PLAN if default_none else options[0],
         tooltip=(
-            "Plan file (.json) from models/dfa_plans (or a dfa_plans folder in extra_model_paths.yaml). "
-            f"'{NO_PLAN}': use the dfa_plan input. Editing the file re-runs the node."
+            "Plan file (.json) from models/dfa_plans (or a dfa_plans folder in extra_model_paths.yaml). Each entry "
+            "shows the plan's model family and calibration size; plans for another model than the last run's are "
+            f"marked. '{NO_PLAN}': use the dfa_plan input. Editing the file re-runs the node."
         ),
     )
 
@@ -62,7 +67,7 @@ class DFAApply(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="Flux or SD3/SD3.5 model. It is cloned; the input model is not changed."),
-                _plan_combo(),
+                _plan_combo(default_none=True),
                 io.Boolean.Input(
                     "enabled", default=True,
                     tooltip="Off: the model passes through unchanged, exactly as if the node were bypassed.",
@@ -89,6 +94,7 @@ class DFAApply(io.ComfyNode):
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone (or the input model when disabled).")],
+            hidden=[io.Hidden.unique_id],  # the node id: each sampling run's report is shown on this node
         )
 
     @classmethod
@@ -109,8 +115,10 @@ class DFAApply(io.ComfyNode):
             return io.NodeOutput(model)
         chosen = dfa_plan if dfa_plan is not None else load_plan_file(plan)
         label = "connected plan" if dfa_plan is not None else plan
+        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         patched = apply_dfa(
-            model, plan=chosen, enabled=True, start_percent=start_percent, end_percent=end_percent, label=label
+            model, plan=chosen, enabled=True, start_percent=start_percent, end_percent=end_percent, label=label,
+            node_id=None if node_id is None else str(node_id),
         )
         return io.NodeOutput(patched)
 
@@ -289,4 +297,4 @@ class DFACalibrate(io.ComfyNode):
 
 class DFAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DFAApply, DFALoadPlan, DFACalibrate]
+        return [DFAApply, DFALoadPlan, DFACalibrate, *REF_NODES]

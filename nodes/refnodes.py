@@ -1,21 +1,41 @@
 """Nodes for the trained reference models shipped in refmodels/weights (README: Reference models), so that an
 example workflow runs as-is without downloading anything: a loader (ComfyUI's own `load_diffusion_model` on the
-shipped file), the models' fixed caption encoder and their fixed latent decoder (neither model has a CLIP or a
-VAE; the stock KSampler, EmptySD3LatentImage and Save/Preview nodes do the rest).
+shipped file) that also outputs the models' fixed latent decoder as a decode-only VAE, and their fixed caption
+encoder (neither model has a CLIP or a real VAE; the stock KSampler, EmptySD3LatentImage, VAEDecode and
+Save/Preview nodes do the rest).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from comfy_api.latest import io
 
 from ..refmodels import text
 from ..refmodels import models as R
 
-__all__ = ["REF_CATEGORY", "DFARefModelLoader", "DFARefTextEncode", "DFARefDecode", "REF_NODES"]
+__all__ = ["REF_CATEGORY", "RefDecoder", "DFARefModelLoader", "DFARefTextEncode", "REF_NODES"]
 
 REF_CATEGORY = "model_patches/DiTFastAttnV2/reference models"
+
+
+class RefDecoder:
+    """The reference models' latent decoder (refmodels/codec.py) where ComfyUI expects a VAE: `decode` is what
+    VAEDecode (and DFACompare) call. Nothing else of a VAE is there; other VAE nodes fail with a message."""
+
+    def __init__(self, model: Any) -> None:
+        self.latent_format = model.model.latent_format
+        self._model = model
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        images = R.decode_samples(self._model, samples)  # [B, 3, H, W] in [0, 1]
+        return images.permute(0, 2, 3, 1).contiguous()  # ComfyUI's IMAGE: [B, H, W, 3]
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"the DiTFastAttnV2 reference model's VAE output can only decode (VAEDecode, DFACompare); '{name}' is not "
+            "available. Use VAEDecode on its latents.")
 
 
 class DFARefModelLoader(io.ComfyNode):
@@ -38,12 +58,16 @@ class DFARefModelLoader(io.ComfyNode):
                     "(4 attention layers, sample at cfg 1). Both were trained at 512 and 1024 pixels.",
                 ),
             ],
-            outputs=[io.Model.Output(tooltip="The reference model, for DFACalibrate, DFAApply and KSampler.")],
+            outputs=[
+                io.Model.Output(tooltip="The reference model, for DFACalibrate, DFAApply and KSampler."),
+                io.Vae.Output(tooltip="Its fixed latent decoder, for VAEDecode (decode only: the model has no real VAE)."),
+            ],
         )
 
     @classmethod
     def execute(cls, model: str) -> io.NodeOutput:
-        return io.NodeOutput(R.load(model))
+        patcher = R.load(model)
+        return io.NodeOutput(patcher, RefDecoder(patcher))
 
 
 class DFARefTextEncode(io.ComfyNode):
@@ -74,25 +98,4 @@ class DFARefTextEncode(io.ComfyNode):
         return io.NodeOutput([[ctx, {"pooled_output": pooled}]])
 
 
-class DFARefDecode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DFARefDecode",
-            display_name="DiTFastAttnV2 Reference Decode",
-            category=REF_CATEGORY,
-            description="The reference models' fixed latent decoder (they have no VAE): latents to images.",
-            inputs=[
-                io.Model.Input("model", tooltip="The reference model that made the latents (its latent format)."),
-                io.Latent.Input("samples", tooltip="KSampler output of a reference model."),
-            ],
-            outputs=[io.Image.Output(tooltip="The decoded images.")],
-        )
-
-    @classmethod
-    def execute(cls, model: Any, samples: dict) -> io.NodeOutput:
-        images = R.decode_samples(model, samples["samples"])  # [B, 3, H, W] in [0, 1]
-        return io.NodeOutput(images.permute(0, 2, 3, 1).contiguous())  # ComfyUI's IMAGE: [B, H, W, 3]
-
-
-REF_NODES: list[type[io.ComfyNode]] = [DFARefModelLoader, DFARefTextEncode, DFARefDecode]
+REF_NODES: list[type[io.ComfyNode]] = [DFARefModelLoader, DFARefTextEncode]

@@ -12,8 +12,9 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EXT = "dfav2.ui";
-const PLAN_NODES = new Set(["DFAApply", "DFALoadPlan"]);
-const SUMMARY_NODES = new Set(["DFACalibrate", "DFALoadPlan"]);
+const PLAN_NODES = new Set(["DFAApply", "DFALoadPlan", "DFAPlanInfo", "DFACompare"]); // nodes with a plan dropdown
+const SUMMARY_NODES = new Set(["DFACalibrate", "DFALoadPlan", "DFAPlanInfo", "DFACompare"]); // `text` UI output
+const IMAGE_ROOM = 360; // height kept free under the widgets of nodes that also preview images (plan picture, A/B)
 const TEXT_WIDGET = "dfav2_text";
 const PROP_TEXT = "dfav2_text"; // node.properties: the last summary / report (saved with the workflow)
 const PROP_MODEL = "dfav2_model"; // node.properties of DFAApply: {family, signature, model} of the last run
@@ -74,9 +75,22 @@ function growAndMakeRoom(node, size) {
   }
 }
 
-function showText(node, text) {
+function persist(change) {
+  // Record a change of the workflow (node.properties) so the front end saves it: undo history and the draft kept
+  // across a reload are updated on litegraph's before/after-change pair.
+  const canvas = app.canvas;
+  canvas?.emitBeforeChange?.();
+  try {
+    change();
+  } finally {
+    canvas?.emitAfterChange?.();
+  }
+}
+
+function showText(node, text, { save = true } = {}) {
   node.properties = node.properties ?? {};
-  node.properties[PROP_TEXT] = text;
+  if (save && node.properties[PROP_TEXT] !== text) persist(() => { node.properties[PROP_TEXT] = text; });
+  else node.properties[PROP_TEXT] = text;
   let widget = node.widgets?.find((w) => w.name === TEXT_WIDGET);
   if (!widget) {
     const box = document.createElement("div");
@@ -102,8 +116,9 @@ function showText(node, text) {
   const width = Math.max(node.size[0], 420);
   const margin = widget.margin ?? 10; // the box is drawn inside the widget's margins
   widget._dfav2Height = textHeight(text, width - 2 * margin) + 2 * margin + 2;
-  const min = node.computeSize([width, node.size[1]]);
-  growAndMakeRoom(node, [width, Math.max(node.size[1], min[1])]);
+  const min = node.computeSize();
+  const room = node.imgs?.length || node.type === "DFAPlanInfo" || node.type === "DFACompare" ? IMAGE_ROOM : 0;
+  growAndMakeRoom(node, [width, Math.max(node.size[1], min[1] + room)]);
   app.graph?.setDirtyCanvas(true, true);
 }
 
@@ -128,10 +143,10 @@ function wiredPlan(node) {
 
 function optionLabel(node, value) {
   if (value == null) return "";
-  if (node.type === "DFAApply" && wiredPlan(node)) {
+  if (node.type !== "DFALoadPlan" && wiredPlan(node)) {
     return value === NO_PLAN ? "← the wired dfa_plan input is used" : `${value} (ignored: the wired dfa_plan input wins)`;
   }
-  if (value === NO_PLAN) return node.type === "DFAApply" ? "none: pick a plan or wire dfa_plan" : "none";
+  if (value === NO_PLAN) return node.type === "DFALoadPlan" ? "none" : "none: pick a plan or wire dfa_plan";
   const info = plans.get(value);
   if (!info) return plansLoaded ? `⚠ missing: ${value}` : value;
   const model = node.properties?.[PROP_MODEL];
@@ -189,7 +204,7 @@ function checkMissingPlans() {
   for (const node of graphNodes()) {
     if (!PLAN_NODES.has(node.type)) continue;
     const v = planWidget(node)?.value;
-    if (v && v !== NO_PLAN && !plans.has(v) && !(node.type === "DFAApply" && wiredPlan(node))) missing.push(v);
+    if (v && v !== NO_PLAN && !plans.has(v) && !wiredPlan(node)) missing.push(v);
   }
   if (missing.length) {
     toast("warn", `Plan file(s) not found in models/dfa_plans: ${[...new Set(missing)].join(", ")}. Queue the workflow ` +
@@ -208,7 +223,7 @@ function formatReport(d) {
     ? `${d.dense_fallbacks} (${Object.entries(d.fallbacks).map(([k, v]) => `${k}: ${v}`).join(", ")})`
     : "0";
   return [
-    `last run: plan ${d.plan}`,
+    `last run: ${d.plan === "connected plan" ? "the wired dfa_plan" : `plan ${d.plan}`}`,
     `model: ${d.model}`,
     `${d.forwards} forwards, ${d.attention_calls} attention calls`,
     `heads: ${shares || "none routed"}`,
@@ -233,7 +248,7 @@ function onReport(event) {
   if (node) {
     node.properties = node.properties ?? {};
     node.properties[PROP_MODEL] = { family: d.family, signature: d.signature, model: d.model };
-    showText(node, formatReport(d));
+    showText(node, formatReport(d)); // saves both properties
     updatePlanValues(node);
   }
   if (d.dense_fallbacks) {
@@ -265,7 +280,7 @@ app.registerExtension({
     nodeType.prototype.onConfigure = function () {
       const r = onConfigure?.apply(this, arguments);
       const text = this.properties?.[PROP_TEXT];
-      if (text) requestAnimationFrame(() => showText(this, text)); // after the saved size is applied
+      if (text) requestAnimationFrame(() => showText(this, text, { save: false })); // after the saved size is applied
       if (PLAN_NODES.has(name)) updatePlanValues(this);
       return r;
     };
@@ -280,7 +295,7 @@ app.registerExtension({
       };
     }
 
-    if (name === "DFAApply") {
+    if (PLAN_NODES.has(name)) {
       const onConnectionsChange = nodeType.prototype.onConnectionsChange;
       nodeType.prototype.onConnectionsChange = function () {
         const r = onConnectionsChange?.apply(this, arguments);

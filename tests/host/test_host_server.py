@@ -179,8 +179,9 @@ def test_object_info_lists_the_nodes_and_plans(server):
     assert plans["flux_ac.json"]["family"] == "flux" and plans["sd35m_ac.json"]["family"] == "sd3"
     assert plans["flux_ac.json"]["signature"] == plans["flux_full.json"]["signature"] != plans["sd35m_ac.json"]["signature"]
     # The reference-model nodes (the example that runs as-is uses them).
-    for node in ("DFARefModelLoader", "DFARefTextEncode", "DFARefDecode"):
+    for node in ("DFARefModelLoader", "DFARefTextEncode"):
         assert node in server.get(f"/object_info/{node}")
+    assert server.get("/object_info/DFARefModelLoader")["DFARefModelLoader"]["output"] == ["MODEL", "VAE"]
     # A new Apply node starts at 'none', not at the alphabetically first plan (which may be for another model).
     assert req["plan"][1].get("default") == "none"
 

@@ -173,8 +173,10 @@ class DFACalibrate(io.ComfyNode):
                 "Finds a DiTFastAttnV2 plan for this model: one sampling pass over the sample prompts in which every "
                 "attention layer measures, per head, the error of arrow attention and of reusing the previous "
                 "step's output, and keeps the cheapest choice within the error budget delta. Writes "
-                "models/dfa_plans/<plan_name>.json and outputs the plan for DFAApply."
+                "models/dfa_plans/<plan_name>.json and outputs the plan for DFAApply. A re-run with the same model "
+                "and settings loads that file instead of calibrating again. Can be queued on its own."
             ),
+            is_output_node=True,  # a calibrate-only workflow is a valid prompt; the summary shows on the node
             inputs=[
                 io.Model.Input("model", tooltip="Flux or SD3/SD3.5 model to calibrate. It is not changed."),
                 io.Clip.Input(
@@ -233,8 +235,10 @@ class DFACalibrate(io.ComfyNode):
                 ),
                 io.Boolean.Input(
                     "overwrite", default=False,
-                    tooltip="Off: if the plan file exists the node fails before calibrating. On: the file is replaced "
-                    "(atomically, only after a successful calibration).",
+                    tooltip="Off: if the plan file exists and was calibrated for this model with these settings "
+                    "(prompts, size, steps, sampler, seed, delta, candidates) it is loaded in seconds instead of "
+                    "calibrating again; if it differs the node fails and shows both records. On: calibrate and "
+                    "replace the file (atomically, only after a successful calibration).",
                 ),
                 io.Conditioning.Input(
                     "positive", optional=True,

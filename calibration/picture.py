@@ -81,7 +81,8 @@ class PlanPicture:
     flops_kept: tuple[float, float]
     grid_x: tuple[int, ...]  # x of each layer's first head column
     grid_y: int
-    head_width: int
+    head_width: int  # pitch of the head columns
+    head_fill: int  # coloured width of a head column (a 1-px gap follows when heads are wide)
     row_height: int  # coloured rows (a 1-px gap follows when rows are tall enough)
     row_pitch: int
     legend_boxes: dict[str, tuple[int, int, int, int]]
@@ -89,7 +90,7 @@ class PlanPicture:
     def cell(self, position: int, layer: int, head: int) -> tuple[int, int, int, int]:
         x0 = self.grid_x[layer] + head * self.head_width
         y0 = self.grid_y + position * self.row_pitch
-        return x0, y0, x0 + self.head_width, y0 + self.row_height
+        return x0, y0, x0 + self.head_fill, y0 + self.row_height
 
 
 def _font(size: int) -> Any:
@@ -173,16 +174,19 @@ def draw_plan(
     n_pos = len(plan.positions)
     pitch = max(1, min(28, 480 // n_pos))
     row_h = pitch - 1 if pitch >= 6 else pitch  # a white line between steps when rows are tall enough
-    group = [spec.name.split(".")[0] for spec in layers]  # double / single / joint: a wider gap between groups
+    # Wide heads get a 1-px gap of their own, so layers need a wider one; a group change (double / single) wider still.
+    head_fill = head_w - 1 if head_w >= 8 else head_w
+    layer_gap, group_gap = (4, 10) if head_fill < head_w else (1, 4)
+    group = [spec.name.split(".")[0] for spec in layers]
     x_map: list[int] = []  # source head column per output x, -1 = gap
     starts: list[int] = []
     col = 0
     for li, spec in enumerate(layers):
         if li:
-            x_map += [-1] * (4 if group[li] != group[li - 1] else 1)
+            x_map += [-1] * (group_gap if group[li] != group[li - 1] else layer_gap)
         starts.append(len(x_map))
         for h in range(spec.heads):
-            x_map += [col + h] * head_w
+            x_map += [col + h] * head_fill + [-1] * (head_w - head_fill)
         col += spec.heads
     xm = np.array(x_map)
     rows = table[ids]  # [P, heads, 3]
@@ -297,6 +301,7 @@ def draw_plan(
         grid_x=tuple(gx),
         grid_y=y_grid,
         head_width=head_w,
+        head_fill=head_fill,
         row_height=row_h,
         row_pitch=pitch,
         legend_boxes=boxes,

@@ -1,8 +1,8 @@
-"""V3 node definitions (comfy_api.latest): DFAApply, DFALoadPlan and DFACalibrate. Imported only inside ComfyUI."""
+"""V3 node definitions (comfy_api.latest): DFAApply, DFALoadPlan and DFACalibrate here, DFAPlanInfo and DFACompare in
+v3_tools.py, shared schema pieces in v3_common.py; DFAExtension registers all five. Imported only inside ComfyUI."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from comfy_api.latest import ComfyExtension, io, ui
@@ -13,36 +13,13 @@ from ..calibration.prompts import DEFAULT_PROMPTS
 from ..calibration.search import DEFAULT_DELTA
 from .adapter import apply_dfa
 from .calibrate import CANDIDATE_SETS, DEFAULT_CANDIDATE_SET, calibrate_plan_node
-from .plans import NO_PLAN, load_plan_file, plan_fingerprint, plan_options, register_plan_folder
+from .plans import NO_PLAN, load_plan_file, plan_fingerprint
+from .v3_common import CATEGORY, DFA_PLAN, advanced, plan_combo, sampler_names, scheduler_names
+from .v3_tools import DFACompare, DFAPlanInfo
 
-__all__ = ["DFAApply", "DFALoadPlan", "DFACalibrate", "DFAExtension", "CATEGORY", "DFA_PLAN"]
-
-CATEGORY = "model_patches/DiTFastAttnV2"
-DFA_PLAN = io.Custom("DFA_PLAN")
-
-register_plan_folder()
-
-
-def _advanced() -> dict[str, Any]:
-    # `advanced=` (collapsed widget) exists on newer hosts only; older ones reject unknown keywords.
-    try:
-        ok = "advanced" in inspect.signature(io.Float.Input.__init__).parameters
-    except (TypeError, ValueError):
-        ok = False
-    return {"advanced": True} if ok else {}
-
-
-def _plan_combo() -> Any:
-    options = plan_options()
-    return io.Combo.Input(
-        "plan",
-        options=options,
-        default=options[0],
-        tooltip=(
-            "Plan file (.json) from models/dfa_plans (or a dfa_plans folder in extra_model_paths.yaml). "
-            f"'{NO_PLAN}': use the dfa_plan input. Editing the file re-runs the node."
-        ),
-    )
+__all__ = [
+    "DFAApply", "DFALoadPlan", "DFACalibrate", "DFAPlanInfo", "DFACompare", "DFAExtension", "CATEGORY", "DFA_PLAN",
+]
 
 
 class DFAApply(io.ComfyNode):
@@ -50,7 +27,7 @@ class DFAApply(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        adv = _advanced()
+        adv = advanced()
         return io.Schema(
             node_id="DFAApply",
             display_name="DiTFastAttnV2 Apply",
@@ -62,7 +39,7 @@ class DFAApply(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="Flux or SD3/SD3.5 model. It is cloned; the input model is not changed."),
-                _plan_combo(),
+                plan_combo(),
                 io.Boolean.Input(
                     "enabled", default=True,
                     tooltip="Off: the model passes through unchanged, exactly as if the node were bypassed.",
@@ -125,7 +102,7 @@ class DFALoadPlan(io.ComfyNode):
             display_name="DiTFastAttnV2 Load Plan",
             category=CATEGORY,
             description="Loads and validates a DiTFastAttnV2 plan file from models/dfa_plans.",
-            inputs=[_plan_combo()],
+            inputs=[plan_combo()],
             outputs=[
                 DFA_PLAN.Output(display_name="dfa_plan", tooltip="The validated plan, for DFAApply's dfa_plan input."),
                 io.String.Output(
@@ -146,25 +123,13 @@ class DFALoadPlan(io.ComfyNode):
         return io.NodeOutput(loaded, summary, ui=ui.PreviewText(summary))  # shown on the node by web/dfav2.js
 
 
-def _sampler_names() -> list[str]:
-    import comfy.samplers
-
-    return list(comfy.samplers.KSampler.SAMPLERS)
-
-
-def _scheduler_names() -> list[str]:
-    import comfy.samplers
-
-    return list(comfy.samplers.KSampler.SCHEDULERS)
-
-
 class DFACalibrate(io.ComfyNode):
     """Search a head-wise plan on sample prompts (one sampling pass) and write it to models/dfa_plans."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        adv = _advanced()
-        samplers, schedulers = _sampler_names(), _scheduler_names()
+        adv = advanced()
+        samplers, schedulers = sampler_names(), scheduler_names()
         return io.Schema(
             node_id="DFACalibrate",
             display_name="DiTFastAttnV2 Calibrate",
@@ -293,4 +258,4 @@ class DFACalibrate(io.ComfyNode):
 
 class DFAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DFAApply, DFALoadPlan, DFACalibrate]
+        return [DFAApply, DFALoadPlan, DFACalibrate, DFAPlanInfo, DFACompare]

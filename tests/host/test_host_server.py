@@ -80,6 +80,7 @@ class Server:
         while time.perf_counter() - t0 < timeout:
             h = self.get(f"/history/{pid}")
             if pid in h and h[pid].get("status", {}).get("completed") is not None:
+                self.last_outputs = h[pid].get("outputs", {})  # node id -> its ui result
                 st = h[pid]["status"]
                 if st.get("completed") or st.get("status_str") == "error":
                     return st
@@ -260,7 +261,25 @@ def test_calibrate_apply_ksampler_in_one_prompt(server):
     assert _latent(server, "cal1").shape == _latent(server, "cal0").shape
 
     st = server.run(_calibrate_workflow(family=family, plan_name=name, delta=0.3, seed=1, prefix="cal2"))
-    assert st.get("status_str") == "error" and "already exists and overwrite is off" in json.dumps(st)
+    assert st.get("status_str") == "error" and "delta: file 0.5, now 0.3" in json.dumps(st)
     assert path.read_bytes() == before
     log = server.log_text()
     assert "DiTFastAttnV2 calibration wrote" in log or path.exists()
+
+
+def test_calibrate_alone_and_plan_info_are_queueable_output_nodes(server):
+    """A prompt with only a loader, conditioning and DFACalibrate runs (Calibrate is an output node) and returns the
+    summary as its ui text; DFAPlanInfo on the written file returns the picture as a preview image plus the text."""
+    family = "flux" if HS.host_support().flux_block_identity else "sd35m"
+    wf = _calibrate_workflow(family=family, plan_name="alone", delta=0.5, seed=0, prefix="unused")
+    wf = {k: v for k, v in wf.items() if k in ("1", "2", "3", "4")}
+    st = server.run(wf)
+    assert st.get("status_str") == "success", json.dumps(st)[:3000]
+    text = server.last_outputs["4"]["text"]
+    assert len(text) == 1 and "alone.json" in text[0] and "attention FLOPs kept" in text[0]
+    assert (server.base / "models" / "dfa_plans" / "alone.json").is_file()
+    st = server.run({"1": {"class_type": "DFAPlanInfo", "inputs": {"plan": "alone.json", "width": 0, "height": 0}}})
+    assert st.get("status_str") == "success", json.dumps(st)[:3000]
+    out = server.last_outputs["1"]
+    assert "methods: full" in out["text"][0] and len(out["images"]) == 1 and out["images"][0]["type"] == "temp"
+    assert (server.base / "temp" / out["images"][0]["subfolder"] / out["images"][0]["filename"]).is_file()

@@ -168,7 +168,18 @@ def test_object_info_lists_the_nodes_and_plans(server):
     assert sorted(options) == sorted(["flux_full.json", "flux_ac.json", "sd35m_full.json", "sd35m_ac.json", "none"])
     assert "DFALoadPlan" in server.get("/object_info")
     templates = server.get("/api/workflow_templates")
-    assert sorted(templates.get(PACK_DIR_NAME, [])) == ["dfa_apply_flux", "dfa_apply_sd35_medium", "dfa_calibrate_apply_flux"]
+    assert sorted(templates.get(PACK_DIR_NAME, [])) == ["dfa_apply_flux", "dfa_apply_sd35_medium", "dfa_calibrate_apply_flux",
+                                                       "dfa_compare_flux"]
+    for node, outputs in (("DFAPlanInfo", ["IMAGE", "STRING"]), ("DFACompare", ["IMAGE", "IMAGE", "IMAGE", "STRING"]),
+                          ("DFACalibrate", ["DFA_PLAN", "STRING"])):
+        node_info = server.get(f"/object_info/{node}")[node]
+        assert node_info["output"] == outputs and node_info["output_node"] is True, node
+    # the A/B example's widget values line up with DFACompare's widgets (+ the seed's control_after_generate)
+    req = server.get("/object_info/DFACompare")["DFACompare"]["input"]["required"]
+    widgets = [k for k, spec in req.items() if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "COMBO")]
+    example = json.loads((H.PACK_ROOT / "example_workflows" / "dfa_compare_flux.json").read_text())
+    node = next(n for n in example["nodes"] if n["type"] == "DFACompare")
+    assert len(node["widgets_values"]) == len(widgets) + 1 and node["widgets_values"][2] == "fixed"
     assert f"{PACK_DIR_NAME}" not in "".join(l for l in server.log_text().splitlines() if "IMPORT FAILED" in l)
     # The front-end file that shows plan summaries on the nodes is served from web/.
     assert f"/extensions/{PACK_DIR_NAME}/dfav2.js" in server.get("/extensions")

@@ -14,7 +14,7 @@ from ..calibration.plan import Plan, PlanError, load_plan, read_plan_bytes
 
 __all__ = [
     "FOLDER", "NO_PLAN", "register_plan_folder", "plan_options", "resolve_plan_path", "load_plan_file",
-    "plan_fingerprint", "safe_plan_file_name", "plan_write_path", "plan_infos",
+    "plan_fingerprint", "safe_plan_file_name", "existing_plan_path", "plan_write_path", "plan_infos",
 ]
 
 FOLDER = "dfa_plans"
@@ -98,6 +98,15 @@ def safe_plan_file_name(name: str) -> str:
     if stem.lower().split(".")[0] in _RESERVED:  # Windows device names
         stem = "_" + stem
     return stem + ".json"
+
+
+def existing_plan_path(name: str) -> Path | None:
+    """The file DFACalibrate's `plan_name` refers to (see `safe_plan_file_name`) if it exists in a dfa_plans
+    folder, else None."""
+    import folder_paths
+
+    existing = folder_paths.get_full_path(FOLDER, safe_plan_file_name(name))
+    return None if existing is None else Path(existing)
 
 
 def plan_write_path(name: str, *, overwrite: bool) -> Path:

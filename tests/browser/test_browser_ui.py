@@ -1,12 +1,14 @@
 """The pack in a real ComfyUI front end (headless Chromium, Playwright): web/dfav2.js registers once, the templates
 list shows the examples with thumbnails, every example loads with known nodes, chained plan names and no overlapping
-nodes, the reference-model example runs as-is and shows the plan summary and Apply's per-run report (in full, kept
-after a reload), and a Calibrate -> Apply -> KSampler graph built in the UI runs, refreshes the plan dropdowns and
-marks plans of another model family. No console errors from the pack. See conftest.py for what is needed."""
+nodes, the reference-model example runs as-is and shows the plan summary, the plan picture, the A/B images and numbers
+and Apply's per-run report (in full, kept after a reload), and a Calibrate -> Apply -> KSampler graph built in the UI
+runs, refreshes the plan dropdowns and marks plans of another model family. No console errors from the pack. See
+conftest.py for what is needed."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ PACK = "ComfyUI-DFAv2"
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 REFERENCE = "Reference model - try it as-is"
 REF_PLAN = "dfa_ref_sd35m_512.json"
+PLAN_NODES = ("DFAApply", "DFALoadPlan", "DFAPlanInfo", "DFACompare")  # nodes with a plan dropdown
 
 # Boxes of all nodes (getBounding: title included), pairs that overlap, and nodes smaller than their content.
 LAYOUT_JS = """() => {
@@ -63,7 +66,7 @@ def test_examples_chain_by_plan_name():
     for f in sorted(EXAMPLES.glob("*.json")):
         wf = json.loads(f.read_text())
         written |= {w[12] + ".json" for w in _widgets(wf, "DFACalibrate")}
-        for t in ("DFAApply", "DFALoadPlan"):
+        for t in PLAN_NODES:
             for w in _widgets(wf, t):
                 if w[0] != "none":
                     loaded[f.stem] = w[0]
@@ -113,7 +116,8 @@ def test_example_loads_without_overlap(ui, name):
     assert not lay["unlinked"], f"inputs without a link: {lay['unlinked']}"
     ui.fit()
     ui.shot("example_" + name.replace(" ", "_"))
-    if any(w[0] not in ("none",) for w in _widgets(json.loads((EXAMPLES / f"{name}.json").read_text()), "DFAApply")):
+    wf = json.loads((EXAMPLES / f"{name}.json").read_text())
+    if any(w[0] != "none" for t in PLAN_NODES for w in _widgets(wf, t)):
         # The plan this example loads is not there yet: the user is told what to do.
         ui.page.get_by_text("not found in models/dfa_plans").first.wait_for(timeout=10_000)
         ui.shot("example_" + name.replace(" ", "_") + "_missing_plan")
@@ -127,9 +131,20 @@ def test_reference_example_runs_as_is(ui, server):
     ui.queue()
     last = ui.wait_done(timeout=1200)
     assert last["status"]["status_str"] == "success", json.dumps(last["status"])[:3000]
-    ui.page.wait_for_function(
-        "() => app.graph.nodes.filter((n) => n.type === 'PreviewImage' && n.imgs && n.imgs.length).length === 2",
-        timeout=60_000)
+    # The plan picture, the A/B images (uncompressed, compressed, difference) and the saved image are on the nodes.
+    ui.page.wait_for_function("""() => {
+        const imgs = (t) => app.graph.nodes.find((n) => n.type === t)?.imgs?.length ?? 0;
+        return imgs('DFAPlanInfo') === 1 && imgs('DFACompare') === 3 && imgs('SaveImage') === 1;
+    }""", timeout=60_000)
+    pic = ui.js("""() => { const i = app.graph.nodes.find((n) => n.type === 'DFAPlanInfo').imgs[0];
+                           return [i.naturalWidth, i.naturalHeight]; }""")
+    assert pic[0] >= 200 and pic[1] >= 100, f"plan picture {pic}"
+    info = ui.js(TEXT_JS, "DFAPlanInfo")[0]
+    assert info["text"] and "methods: full" in info["text"] and info["overflow"] <= 1, info
+    ab = ui.js(TEXT_JS, "DFACompare")[0]
+    assert ab["text"] and ab["overflow"] <= 1, ab
+    assert re.search(r"PSNR \d+\.\d+ dB, SSIM 0\.\d{4}", ab["text"]), ab["text"]
+    assert re.search(r"time: uncompressed \d+\.\d+ s, compressed \d+\.\d+ s, speed-up \d+\.\d+x", ab["text"]), ab["text"]
     cal = ui.js(TEXT_JS, "DFACalibrate")[0]
     assert cal["text"] and "methods:" in cal["text"] and "estimated attention speed-up" in cal["text"], cal
     assert REF_PLAN in cal["text"]
@@ -162,6 +177,8 @@ def test_reference_example_runs_as_is(ui, server):
     assert cal2[0]["overflow"] <= 1
     rep2 = ui.js(TEXT_JS, "DFAApply")
     assert rep2 and rep2[0]["text"] == rep["text"], "Apply's report did not survive a reload"
+    ab2 = ui.js(TEXT_JS, "DFACompare")
+    assert ab2 and ab2[0]["text"] == ab["text"], "the A/B report did not survive a reload"
     ui.fit()
     ui.shot("reference_after_reload")
     assert not ui.pack_errors(), ui.pack_errors()

@@ -1,6 +1,6 @@
 """Render the template thumbnails example_workflows/<name>.jpg (what ComfyUI's templates dialog shows next to each
 example) in a real front end: each example is opened and fitted to a square view; the reference-model example is
-queued first, so that its thumbnail shows the two previews (uncompressed | compressed) with the plan summary.
+queued first, so that its thumbnail shows the plan picture and the A/B images with their numbers.
 
     COMFYUI_PATH=/path/to/ComfyUI python tests/browser/make_thumbnails.py [--skip-run]
 
@@ -63,12 +63,12 @@ def main() -> int:
                     if f.stem == REFERENCE and not args.skip_run:
                         page.evaluate("async () => { await app.queuePrompt(0, 1); }")
                         page.wait_for_function(
-                            "() => app.graph.nodes.filter(n => n.type === 'PreviewImage' && n.imgs?.length).length === 2",
+                            "() => (app.graph.nodes.find(n => n.type === 'DFACompare')?.imgs?.length ?? 0) === 3",
                             timeout=1_800_000, polling=2000)
                         time.sleep(2)
-                        # Only the two previews, side by side (uncompressed | compressed).
+                        # The plan picture and the A/B node (uncompressed, compressed, difference, PSNR / SSIM).
                         page.evaluate("""() => {
-                            const nodes = app.graph.nodes.filter(n => n.type === 'PreviewImage');
+                            const nodes = app.graph.nodes.filter(n => n.type === 'DFAPlanInfo' || n.type === 'DFACompare');
                             app.canvas.selectNodes(nodes);
                             app.extensionManager.command.execute('Comfy.Canvas.FitView');
                             app.canvas.deselectAll();

@@ -312,6 +312,7 @@ def calibrate_plan_node(
     config = SearchConfig(delta=float(delta), candidates=CANDIDATE_SETS[candidates])
     # An existing file is either this very calibration (reused) or a refusal, decided before sampling; a file that
     # is not a plan fails here, before anything is encoded.
+    start = time.perf_counter()
     existing = None if overwrite else existing_plan_path(plan_name)
     previous = read_existing_plan(existing) if existing is not None else None
     path = existing if existing is not None else plan_write_path(plan_name, overwrite=overwrite)
@@ -343,7 +344,6 @@ def calibrate_plan_node(
             model, positive=pos, negative=neg, width=int(width), height=int(height), steps=int(steps), cfg=float(cfg),
             sampler_name=sampler_name, scheduler=scheduler, seed=int(seed), config=config, guidance=recorded_guidance,
             prompts=n_prompts)
-        start = time.perf_counter()
         check_reusable(path, previous, layout.signature, requested)
         assert previous.calibration is not None  # check_reusable refuses plans without a record
         summary = calibration_summary(

@@ -81,13 +81,19 @@ def compare_dfa(
 ) -> CompareResult:
     """Sample `latent_image` with `model` as is, then with `plan` applied (same seed and noise), and compare.
 
-    The plan is checked against the model (`apply_dfa`: ValueError / RuntimeError) before anything is sampled and is
+    The plan is checked against the model (`apply_dfa`: ValueError / RuntimeError; a model that already carries a
+    DFAApply patch is refused) before anything is sampled and is
     applied to a clone, so `model` is never patched, also when a run fails. The model is loaded before the first
     timed run, so neither time includes moving the weights; the compressed time does include one-time work of the
     first compressed run in a process (compiling the arrow kernel on CUDA). The host's interrupt propagates.
     """
     import comfy.model_management
 
+    if TO_PATCH in (model.model_options.get("transformer_options") or {}):
+        raise ValueError(
+            "DFACompare got a model that already runs a DiTFastAttnV2 plan (DFAApply before it), so its "
+            "'uncompressed' run would be compressed. Connect the model from before DFAApply (e.g. the loader)."
+        )
     patched = apply_dfa(model, plan=plan, start_percent=start_percent, end_percent=end_percent, label=label)
     device = comfy.model_management.get_torch_device()
     comfy.model_management.load_models_gpu([model])

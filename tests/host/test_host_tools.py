@@ -173,7 +173,7 @@ def test_compare_on_the_trained_reference_model_reports_real_differences():
     _untouched(model)
 
 
-def test_compare_refuses_a_plan_for_another_model_before_sampling(models):
+def test_compare_refuses_a_wrong_plan_or_a_patched_model_before_sampling(models):
     _need("flux")
     import comfy.utils
 
@@ -188,3 +188,7 @@ def test_compare_refuses_a_plan_for_another_model_before_sampling(models):
         comfy.utils.set_progress_bar_global_hook(hook)
     assert calls == []
     _untouched(models["sd35m"])
+    # a model that already runs a plan has no uncompressed run to compare with
+    applied = A.apply_dfa(models["flux"], plan=flux_plan)
+    with pytest.raises(ValueError, match="already runs a DiTFastAttnV2 plan"):
+        _compare(applied, "flux", flux_plan)

@@ -29,7 +29,7 @@ function toast(severity, detail, life = 8000) {
 }
 
 function graphNodes() {
-  return app.graph?.nodes ?? app.graph?._nodes ?? [];
+  return app.graph?.nodes ?? [];
 }
 
 // ------------------------------------------------------------------------------------------- text box

@@ -1,4 +1,5 @@
-"""Command line for plan files: ``validate PLAN`` and ``inspect PLAN`` (run as ``python <pack folder> ...``).
+"""Command line for plan files: ``validate PLAN`` and ``inspect PLAN [--png OUT.png]`` (run as ``python <pack folder>
+...``).
 
 Exit codes: 0 valid, 2 invalid or unreadable (one line on stderr, never a traceback).
 """
@@ -99,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_ins.add_argument("--width", type=int, help="image width for the FLOP estimate (default: calibration width)")
     p_ins.add_argument("--height", type=int, help="image height (default: calibration height)")
     p_ins.add_argument("--txt-len", type=int, help="text tokens (default: calibration text length)")
+    p_ins.add_argument("--png", metavar="OUT.png", help="also draw the plan (steps x layers x heads, one colour per "
+                       "method, shares and FLOPs kept) into this PNG file")
     args = parser.parse_args(argv)
     try:
         plan = load_plan(args.plan)
@@ -113,4 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"cannot inspect {args.plan}: {exc}", file=sys.stderr)
         return 2
+    if args.png:
+        from .picture import save_plan_picture
+
+        try:
+            path = save_plan_picture(plan, args.png, width=args.width, height=args.height, txt_len=args.txt_len)
+        except (OSError, ValueError) as exc:  # unwritable path, unknown image extension
+            print(f"cannot write the picture {args.png}: {exc}", file=sys.stderr)
+            return 2
+        print(f"picture: {path}")
     return 0

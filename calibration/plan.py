@@ -32,6 +32,9 @@ __all__ = [
     "LayerSpec",
     "ModelSignature",
     "CalibrationRecord",
+    "SETTINGS_FIELDS",
+    "settings_differences",
+    "describe_settings",
     "PlanPosition",
     "DecisionRow",
     "Plan",
@@ -121,7 +124,7 @@ class ModelSignature:
 
 @dataclass(frozen=True)
 class CalibrationRecord:
-    """How a plan was made (informational; used for warnings when a run differs)."""
+    """How a plan was made: warnings when a run differs (DFAApply), recognising a re-run (DFACalibrate)."""
 
     delta: float
     candidates: tuple[str, ...]
@@ -142,6 +145,60 @@ class CalibrationRecord:
     #: Cheap fingerprint of the weights calibrated on (a few sampled values); None: not recorded. Applying the
     #: plan to other weights of the same architecture (another finetune) warns once.
     weights: str | None = None
+    #: Fingerprint of the calibration conditioning (prompt encodings; the negative too when cfg != 1); None: not
+    #: recorded. Lets DFACalibrate recognise a re-run with the same prompts.
+    conditioning: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The fields that define "the same calibration" (`SETTINGS_FIELDS`), by name."""
+        return {k: getattr(self, k) for k in SETTINGS_FIELDS}
+
+    def describe(self) -> str:
+        """One line with every field, for error messages that show a whole record."""
+        return describe_settings(asdict(self))
+
+
+#: Record fields that define a calibration: the same model signature plus equal values of these give the same plan
+#: (the search is deterministic). The rest (txt_len follows from the conditioning; host/pack version, date, wall time)
+#: is provenance.
+SETTINGS_FIELDS: tuple[str, ...] = (
+    "delta", "candidates", "prompts", "steps", "sampler", "scheduler", "cfg", "guidance", "width", "height", "seed",
+    "weights", "conditioning",
+)
+
+
+def _show_setting(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "/".join(map(str, value))
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe_settings(values: dict[str, Any]) -> str:
+    """`field value, ...` for record fields (a whole record, or the settings of a requested calibration)."""
+    return ", ".join(f"{k} {_show_setting(v)}" for k, v in values.items())
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, float) or isinstance(b, float):  # widget floats and JSON floats: equal up to rounding
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return tuple(a) == tuple(b)
+    return bool(a == b)
+
+
+def settings_differences(recorded: CalibrationRecord, requested: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(field, recorded, requested) for each `SETTINGS_FIELDS` entry where a plan's record and a requested
+    calibration differ, values shown as text; empty when calibrating again would reproduce the plan. `requested`
+    needs every settings field. None equals only None (a field an older file did not record is a difference;
+    guidance None is SD3's "no guidance")."""
+    missing = [k for k in SETTINGS_FIELDS if k not in requested]
+    if missing:
+        raise KeyError(f"requested settings lack {', '.join(missing)}")
+    mine = recorded.settings()
+    return [(k, _show_setting(mine[k]), _show_setting(requested[k])) for k in SETTINGS_FIELDS
+            if not _same_setting(mine[k], requested[k])]
 
 
 class DecisionRow(Sequence[LayerDecision]):
@@ -356,7 +413,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         },
         "calibration": None if plan.calibration is None else {
             k: v for k, v in {**asdict(plan.calibration), "candidates": list(plan.calibration.candidates)}.items()
-            if not (k == "weights" and v is None)  # optional field: written only when recorded
+            if not (k in ("weights", "conditioning") and v is None)  # optional fields: written only when recorded
         },
         "legend": legend,
         "positions": [
@@ -616,7 +673,7 @@ def _calibration(c: Any) -> CalibrationRecord:
         "delta", "candidates", "prompts", "steps", "sampler", "scheduler", "cfg", "guidance", "width", "height",
         "txt_len", "seed", "host_version", "pack_version", "date", "wall_time_s",
     }
-    c = _obj(c, p, fields, {"weights"})
+    c = _obj(c, p, fields, {"weights", "conditioning"})
     candidates = tuple(_method(n, f"{p}.candidates[{i}]").name for i, n in enumerate(_list(c["candidates"], p + ".candidates", 64)))
     return CalibrationRecord(
         delta=_num(c["delta"], p + ".delta", 0.0, 1e6),
@@ -636,5 +693,6 @@ def _calibration(c: Any) -> CalibrationRecord:
         date=_str(c["date"], p + ".date"),
         wall_time_s=_num(c["wall_time_s"], p + ".wall_time_s", 0.0, 1e9),
         weights=None if c.get("weights") is None else _str(c["weights"], p + ".weights", 128),
+        conditioning=None if c.get("conditioning") is None else _str(c["conditioning"], p + ".conditioning", 128),
     )
 

@@ -1,4 +1,5 @@
-"""ComfyUI side of the pack: V3 nodes (v3.py), Apply and Calibrate glue (adapter.py, calibrate.py), plan files
+"""ComfyUI side of the pack: V3 nodes (v3.py; DFAPlanInfo and DFACompare in v3_tools.py; shared schema pieces in
+v3_common.py), Apply, Calibrate and A/B glue (adapter.py, calibrate.py with records.py, compare.py), plan files
 (plans.py), host probing (host.py), per-family layouts (layouts.py), the host-free attention router (router.py),
 the wrapper/callback installation (hooks.py) and the `demo` command.
 

@@ -15,6 +15,7 @@ from ..kernels.engine import CACHE_OFFLOAD_MODES, ArrowBackend, CacheOffload, He
 from .hooks import TO_PATCH, TO_RUN, HostPatch, begin_run, install_patch
 from .host import host_support
 from .layouts import Layout, model_layout, weights_fingerprint
+from . import report
 from .router import Run
 from .summary import RunSummary
 
@@ -38,6 +39,7 @@ class DFAPatch(HostPatch):
         cache_offload: CacheOffload = "auto",
         prev: Callable[..., Any] | None = None,
         label: str = "",
+        node_id: str | None = None,
     ) -> None:
         super().__init__(layout=layout, backend=backend, prev=prev)
         self.plan = plan
@@ -46,6 +48,7 @@ class DFAPatch(HostPatch):
         self.start_percent = start_percent
         self.end_percent = end_percent
         self.label = label
+        self.node_id = node_id  # the DFAApply node (its UI shows the per-run report)
 
     def new_run(self, prev: Callable[..., Any] | None, model_sampling: Any) -> Run:
         start_sigma, end_sigma = math.inf, -math.inf
@@ -98,6 +101,8 @@ class DFAPatch(HostPatch):
     def end_run(self, run: Run) -> RunSummary:
         summary = super().end_run(run)
         log.info("%s", summary.line())
+        report.send(report.REPORT_EVENT, report.report_payload(
+            summary, node=self.node_id, label=self.label, signature=self.layout.signature))
         return summary
 
     def __repr__(self) -> str:
@@ -138,6 +143,7 @@ def apply_dfa(
     dense: str = "fastest",
     cache_offload: CacheOffload = "auto",
     label: str = "",
+    node_id: str | None = None,
 ) -> Any:
     """Return a clone of `model` (a ComfyUI ModelPatcher) that runs `plan` in its attention.
 
@@ -154,6 +160,7 @@ def apply_dfa(
         to the unpatched model). A chained attention override always serves the full heads.
     cache_offload : where cached heads wait between steps: "gpu", "cpu" (pinned memory, prefetched a layer ahead)
         or "auto" (cpu when the plan's largest cache would take over 2 % of the GPU's memory).
+    label, node_id : the plan's name and the DFAApply node for the log line and the UI's per-run report.
 
     Raises
     ------
@@ -192,7 +199,7 @@ def apply_dfa(
                 "model if the result changes visibly.", label or plan.description or "(unnamed)", recorded, mine)
     patch = DFAPatch(
         plan=plan, layout=layout, start_percent=float(start_percent), end_percent=float(end_percent),
-        backend=backend, dense=dense, cache_offload=cache_offload, label=label,
+        backend=backend, dense=dense, cache_offload=cache_offload, label=label, node_id=node_id,
     )
     return install_patch(model, patch)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from typing import Any
 
 import torch
 
-from ..calibration.cli import flops_kept, summarize, tile_label
 from ..calibration.plan import CalibrationRecord, Plan, save_plan
 from ..calibration.prompts import parse_prompts
 from ..calibration.search import DEFAULT_CANDIDATES, DEFAULT_DELTA, ProgressiveCalibrator, SearchConfig
@@ -27,14 +25,15 @@ from ..kernels.engine import ArrowBackend
 from ..kernels.methods import CACHE, HeadMethod, arrow
 from .hooks import HostPatch, install_patch
 from .host import host_support, host_version
-from .layouts import Layout, model_layout, weights_fingerprint
-from .plans import plan_write_path
+from .layouts import Layout, model_layout
+from .plans import existing_plan_path, plan_write_path
+from .records import batch_of, calibration_settings, calibration_summary, check_reusable, read_existing_plan
 from .router import Run
 from .summary import RunSummary
 
 __all__ = [
-    "CalibrationPatch", "CalibrationResult", "calibrate_dfa", "encode_prompts", "host_version", "CANDIDATE_SETS", "DEFAULT_CANDIDATE_SET",
-    "NodeResult", "calibrate_plan_node",
+    "CalibrationPatch", "CalibrationResult", "calibrate_dfa", "encode_prompts", "host_version", "CANDIDATE_SETS",
+    "DEFAULT_CANDIDATE_SET", "NodeResult", "calibrate_plan_node",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,10 +108,6 @@ def encode_prompts(clip: Any, prompts: Sequence[str], *, guidance: float | None)
     return [[batch, extra]]
 
 
-def _batch_of(conditioning: list) -> int:
-    return max(int(c[0].shape[0]) for c in conditioning)
-
-
 def calibrate_dfa(
     model: Any,
     *,
@@ -147,7 +142,10 @@ def calibrate_dfa(
         raise RuntimeError(err)
     if width < 16 or height < 16 or steps < 2:
         raise ValueError(f"calibration needs width, height >= 16 and steps >= 2, got {width}x{height}, {steps} steps")
-    batch = _batch_of(positive)
+    batch = batch_of(positive)
+    settings = calibration_settings(
+        model, positive=positive, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
+        sampler_name=sampler_name, scheduler=scheduler, seed=seed, config=config, guidance=guidance, prompts=prompts)
     calibrator = ProgressiveCalibrator(layout.signature, config, backend=backend)
     patch = CalibrationPatch(layout=layout, calibrator=calibrator, backend=backend)
     m = install_patch(model, patch)
@@ -185,23 +183,12 @@ def calibrate_dfa(
         raise ValueError(f"calibration could not see the attention layers of this model ({reasons}); no plan was made")
     n_img = layout.image_tokens(width, height)
     record = CalibrationRecord(
-        delta=float(config.delta),
-        candidates=("full",) + tuple(c.name for c in config.candidates),
-        prompts=int(prompts if prompts is not None else batch),
-        steps=int(steps),
-        sampler=sampler_name,
-        scheduler=scheduler,
-        cfg=float(cfg),
-        guidance=None if guidance is None or not math.isfinite(guidance) else float(guidance),
-        width=int(width),
-        height=int(height),
+        **settings,
         txt_len=int(calibrator.txt_len if calibrator.txt_len is not None else 0),
-        seed=int(seed),
         host_version=host_version(),
         pack_version=pack_version,
         date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         wall_time_s=round(wall, 3),
-        weights=weights_fingerprint(model),
     )
     log.info("DiTFastAttnV2 calibration: %d positions, %d image tokens, %.1f s", len(calibrator.sigmas), n_img, wall)
     plan = calibrator.plan(record, description)
@@ -231,7 +218,7 @@ class NodeResult:
     plan: Plan
     summary: str
     path: Path
-    samples: Any  # the calibration pass's latents [B, C, H, W]
+    samples: Any  # the calibration pass's latents [B, C, H, W]; None when an existing plan was reused
     wall_time_s: float
 
 
@@ -305,7 +292,12 @@ def calibrate_plan_node(
     budget (0: every head full). `candidates` is a key of CANDIDATE_SETS. `on_step(step, total)` is called after
     each sampler step, after the host's progress bar.
 
-    Raises ValueError for user mistakes (existing file without `overwrite`, no prompts, bad names, unsupported
+    An existing ``<plan_name>.json`` with `overwrite` off: when its model signature and calibration settings
+    (`calibration_settings`: δ, candidates, prompts' encodings, sampler, size, seed, weights ...) equal this call's,
+    it is loaded and returned (`samples` None, no sampling: calibrating again would give the same plan); otherwise
+    ValueError showing both records.
+
+    Raises ValueError for user mistakes (an existing file that differs, no prompts, bad names, unsupported
     model), before anything is sampled where possible. The host's interrupt propagates unchanged; running out of
     memory raises torch.OutOfMemoryError saying that no plan was written. In every failure no file is written and
     `model` is unchanged (calibration runs on a clone).
@@ -319,13 +311,18 @@ def calibrate_plan_node(
     if candidates not in CANDIDATE_SETS:
         raise ValueError(f"unknown candidate set {candidates!r}; choose one of {', '.join(CANDIDATE_SETS)}")
     config = SearchConfig(delta=float(delta), candidates=CANDIDATE_SETS[candidates])
-    path = plan_write_path(plan_name, overwrite=overwrite)  # fail before calibrating
+    # An existing file is either this very calibration (reused) or a refusal, decided before sampling; a file that
+    # is not a plan fails here, before anything is encoded.
+    start = time.perf_counter()
+    existing = None if overwrite else existing_plan_path(plan_name)
+    previous = read_existing_plan(existing) if existing is not None else None
+    path = existing if existing is not None else plan_write_path(plan_name, overwrite=overwrite)
     layout = model_layout(model)  # ValueError for models other than Flux / SD3
     flux_guidance = float(guidance) if layout.family in ("flux", "flux2") else None
 
     if positive is not None:
         pos = _with_guidance(positive, flux_guidance)
-        n_prompts = _batch_of(pos)
+        n_prompts = batch_of(pos)
     elif clip is not None:
         texts = parse_prompts(prompts)
         pos = encode_prompts(clip, texts, guidance=flux_guidance)
@@ -343,6 +340,19 @@ def calibrate_plan_node(
     recorded_guidance = flux_guidance
     if flux_guidance is not None:
         recorded_guidance = float(pos[0][1].get("guidance", flux_guidance))
+    if previous is not None:
+        requested = calibration_settings(
+            model, positive=pos, negative=neg, width=int(width), height=int(height), steps=int(steps), cfg=float(cfg),
+            sampler_name=sampler_name, scheduler=scheduler, seed=int(seed), config=config, guidance=recorded_guidance,
+            prompts=n_prompts)
+        check_reusable(path, previous, layout.signature, requested)
+        assert previous.calibration is not None  # check_reusable refuses plans without a record
+        summary = calibration_summary(
+            previous, path, f"loaded, not calibrated again: the file was calibrated on {previous.calibration.date} "
+            f"({previous.calibration.wall_time_s:.1f} s) for this model with these settings; turn overwrite on to redo it", layout)
+        log.info("DiTFastAttnV2 calibration: %s was calibrated for this model with these settings; loaded it instead "
+                 "of calibrating again", path)
+        return NodeResult(previous, summary, path, None, time.perf_counter() - start)
 
     pbar = comfy.utils.ProgressBar(int(steps))
 
@@ -378,15 +388,7 @@ def calibrate_plan_node(
             f"plan file {path} appeared while calibrating and overwrite is off; it was not replaced. Choose another "
             "plan_name or turn overwrite on."
         ) from None
-    cal = result.plan.calibration
-    assert cal is not None
-    _, tiled = flops_kept(result.plan, width=cal.width, height=cal.height, txt_len=cal.txt_len,
-                          n_img=layout.image_tokens(cal.width, cal.height))
-    summary = "\n".join([
-        f"plan: {saved}",
-        summarize(result.plan),
-        f"calibration: {result.wall_time_s:.1f} s for {steps} steps x {n_prompts} prompt(s); estimated attention "
-        f"speed-up {1 / max(tiled, 1e-9):.2f}x (attention FLOPs kept at {tile_label(result.plan)} {100 * tiled:.1f}%)",
-    ])
+    summary = calibration_summary(result.plan, saved, f"calibration: {result.wall_time_s:.1f} s for {steps} steps x {n_prompts} "
+                                  "prompt(s)", layout)
     log.info("DiTFastAttnV2 calibration wrote %s", saved)
     return NodeResult(result.plan, summary, saved, result.samples, result.wall_time_s)

@@ -14,7 +14,7 @@ from ..calibration.plan import Plan, PlanError, load_plan, read_plan_bytes
 
 __all__ = [
     "FOLDER", "NO_PLAN", "register_plan_folder", "plan_options", "resolve_plan_path", "load_plan_file",
-    "plan_fingerprint", "safe_plan_file_name", "plan_write_path",
+    "plan_fingerprint", "safe_plan_file_name", "existing_plan_path", "plan_write_path", "plan_infos",
 ]
 
 FOLDER = "dfa_plans"
@@ -100,6 +100,15 @@ def safe_plan_file_name(name: str) -> str:
     return stem + ".json"
 
 
+def existing_plan_path(name: str) -> Path | None:
+    """The file DFACalibrate's `plan_name` refers to (see `safe_plan_file_name`) if it exists in a dfa_plans
+    folder, else None."""
+    import folder_paths
+
+    existing = folder_paths.get_full_path(FOLDER, safe_plan_file_name(name))
+    return None if existing is None else Path(existing)
+
+
 def plan_write_path(name: str, *, overwrite: bool) -> Path:
     """Where DFACalibrate writes the plan `name` (see `safe_plan_file_name`): the existing file of that name in the
     dfa_plans folders when `overwrite` is on (so the dropdown picks the new plan), else ``<first dfa_plans folder>/
@@ -119,3 +128,30 @@ def plan_write_path(name: str, *, overwrite: bool) -> Path:
     if not folders:
         raise ValueError("no dfa_plans folder is registered (models/dfa_plans); reinstall the pack")
     return Path(folders[0]) / file_name
+
+
+_INFO_CACHE: dict[str, tuple[float, int, dict]] = {}
+
+
+def plan_infos() -> list[dict]:
+    """For the UI's plan dropdown: per plan file its model family, signature and calibration size (see
+    `report.plan_info`), or an ``error`` for a file that is not a valid plan. Parsed files are cached by mtime."""
+    from .report import plan_info
+
+    out = []
+    for name in plan_options():
+        if name == NO_PLAN:
+            continue
+        try:
+            path = resolve_plan_path(name)
+            st = os.stat(path)
+            hit = _INFO_CACHE.get(path)
+            if hit is not None and hit[:2] == (st.st_mtime, st.st_size):
+                out.append(hit[2])
+                continue
+            info = plan_info(name, load_plan(path))
+            _INFO_CACHE[path] = (st.st_mtime, st.st_size, info)
+        except (OSError, ValueError) as exc:  # PlanError is a ValueError
+            info = {"name": name, "error": str(exc)}
+        out.append(info)
+    return out

@@ -1,8 +1,8 @@
-"""V3 node definitions (comfy_api.latest): DFAApply, DFALoadPlan and DFACalibrate. Imported only inside ComfyUI."""
+"""V3 node definitions (comfy_api.latest): DFAApply, DFALoadPlan and DFACalibrate here, DFAPlanInfo and DFACompare in
+v3_tools.py, shared schema pieces in v3_common.py; DFAExtension registers all five. Imported only inside ComfyUI."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from comfy_api.latest import ComfyExtension, io, ui
@@ -15,36 +15,14 @@ from ..kernels.dense import DENSE_MODES
 from ..kernels.engine import CACHE_OFFLOAD_MODES
 from .adapter import apply_dfa
 from .calibrate import CANDIDATE_SETS, DEFAULT_CANDIDATE_SET, calibrate_plan_node
-from .plans import NO_PLAN, load_plan_file, plan_fingerprint, plan_options, register_plan_folder
+from .plans import NO_PLAN, load_plan_file, plan_fingerprint
+from .refnodes import REF_NODES
+from .v3_common import CATEGORY, DFA_PLAN, advanced, plan_combo, sampler_names, scheduler_names
+from .v3_tools import DFACompare, DFAPlanInfo
 
-__all__ = ["DFAApply", "DFALoadPlan", "DFACalibrate", "DFAExtension", "CATEGORY", "DFA_PLAN"]
-
-CATEGORY = "model_patches/DiTFastAttnV2"
-DFA_PLAN = io.Custom("DFA_PLAN")
-
-register_plan_folder()
-
-
-def _advanced() -> dict[str, Any]:
-    # `advanced=` (collapsed widget) exists on newer hosts only; older ones reject unknown keywords.
-    try:
-        ok = "advanced" in inspect.signature(io.Float.Input.__init__).parameters
-    except (TypeError, ValueError):
-        ok = False
-    return {"advanced": True} if ok else {}
-
-
-def _plan_combo() -> Any:
-    options = plan_options()
-    return io.Combo.Input(
-        "plan",
-        options=options,
-        default=options[0],
-        tooltip=(
-            "Plan file (.json) from models/dfa_plans (or a dfa_plans folder in extra_model_paths.yaml). "
-            f"'{NO_PLAN}': use the dfa_plan input. Editing the file re-runs the node."
-        ),
-    )
+__all__ = [
+    "DFAApply", "DFALoadPlan", "DFACalibrate", "DFAPlanInfo", "DFACompare", "DFAExtension", "CATEGORY", "DFA_PLAN",
+]
 
 
 class DFAApply(io.ComfyNode):
@@ -52,7 +30,7 @@ class DFAApply(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        adv = _advanced()
+        adv = advanced()
         return io.Schema(
             node_id="DFAApply",
             display_name="DiTFastAttnV2 Apply",
@@ -64,7 +42,7 @@ class DFAApply(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="Flux or SD3/SD3.5 model. It is cloned; the input model is not changed."),
-                _plan_combo(),
+                plan_combo(default_none=True),
                 io.Boolean.Input(
                     "enabled", default=True,
                     tooltip="Off: the model passes through unchanged, exactly as if the node were bypassed.",
@@ -111,6 +89,7 @@ class DFAApply(io.ComfyNode):
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone (or the input model when disabled).")],
+            hidden=[io.Hidden.unique_id],  # the node id: each sampling run's report is shown on this node
         )
 
     @classmethod
@@ -133,9 +112,10 @@ class DFAApply(io.ComfyNode):
             return io.NodeOutput(model)
         chosen = dfa_plan if dfa_plan is not None else load_plan_file(plan)
         label = "connected plan" if dfa_plan is not None else plan
+        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         patched = apply_dfa(
             model, plan=chosen, enabled=True, start_percent=start_percent, end_percent=end_percent, dense=dense,
-            cache_offload=cache_memory, label=label,
+            cache_offload=cache_memory, label=label, node_id=None if node_id is None else str(node_id),
         )
         return io.NodeOutput(patched)
 
@@ -150,7 +130,7 @@ class DFALoadPlan(io.ComfyNode):
             display_name="DiTFastAttnV2 Load Plan",
             category=CATEGORY,
             description="Loads and validates a DiTFastAttnV2 plan file from models/dfa_plans.",
-            inputs=[_plan_combo()],
+            inputs=[plan_combo()],
             outputs=[
                 DFA_PLAN.Output(display_name="dfa_plan", tooltip="The validated plan, for DFAApply's dfa_plan input."),
                 io.String.Output(
@@ -171,25 +151,13 @@ class DFALoadPlan(io.ComfyNode):
         return io.NodeOutput(loaded, summary, ui=ui.PreviewText(summary))  # shown on the node by web/dfav2.js
 
 
-def _sampler_names() -> list[str]:
-    import comfy.samplers
-
-    return list(comfy.samplers.KSampler.SAMPLERS)
-
-
-def _scheduler_names() -> list[str]:
-    import comfy.samplers
-
-    return list(comfy.samplers.KSampler.SCHEDULERS)
-
-
 class DFACalibrate(io.ComfyNode):
     """Search a head-wise plan on sample prompts (one sampling pass) and write it to models/dfa_plans."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        adv = _advanced()
-        samplers, schedulers = _sampler_names(), _scheduler_names()
+        adv = advanced()
+        samplers, schedulers = sampler_names(), scheduler_names()
         return io.Schema(
             node_id="DFACalibrate",
             display_name="DiTFastAttnV2 Calibrate",
@@ -198,8 +166,10 @@ class DFACalibrate(io.ComfyNode):
                 "Finds a DiTFastAttnV2 plan for this model: one sampling pass over the sample prompts in which every "
                 "attention layer measures, per head, the error of arrow attention and of reusing the previous "
                 "step's output, and keeps the cheapest choice within the error budget delta. Writes "
-                "models/dfa_plans/<plan_name>.json and outputs the plan for DFAApply."
+                "models/dfa_plans/<plan_name>.json and outputs the plan for DFAApply. A re-run with the same model "
+                "and settings loads that file instead of calibrating again. Can be queued on its own."
             ),
+            is_output_node=True,  # a calibrate-only workflow is a valid prompt; the summary shows on the node
             inputs=[
                 io.Model.Input("model", tooltip="Flux or SD3/SD3.5 model to calibrate. It is not changed."),
                 io.Clip.Input(
@@ -258,8 +228,10 @@ class DFACalibrate(io.ComfyNode):
                 ),
                 io.Boolean.Input(
                     "overwrite", default=False,
-                    tooltip="Off: if the plan file exists the node fails before calibrating. On: the file is replaced "
-                    "(atomically, only after a successful calibration).",
+                    tooltip="Off: if the plan file exists and was calibrated for this model with these settings "
+                    "(prompts, size, steps, sampler, seed, delta, candidates) it is loaded in seconds instead of "
+                    "calibrating again; if it differs the node fails and shows both records. On: calibrate and "
+                    "replace the file (atomically, only after a successful calibration).",
                 ),
                 io.Conditioning.Input(
                     "positive", optional=True,
@@ -314,4 +286,4 @@ class DFACalibrate(io.ComfyNode):
 
 class DFAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DFAApply, DFALoadPlan, DFACalibrate]
+        return [DFAApply, DFALoadPlan, DFACalibrate, DFAPlanInfo, DFACompare, *REF_NODES]

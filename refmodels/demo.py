@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import folder_paths
     import torch
 
+    from ..calibration.quality import difference_map, psnr_ssim
     from ..nodes.adapter import TO_PATCH
     from ..nodes.calibrate import calibrate_plan_node, host_version
     from ..nodes.plans import FOLDER
@@ -101,9 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = evaluate.sample_images(patched, name, ev, **kw)
     t_dfa = time.perf_counter() - t1
     run = patched.model_options["transformer_options"][TO_PATCH].last_summary
-    psnr, ssim = evaluate.psnr_ssim(out, ref)
+    psnr, ssim = psnr_ssim(out.movedim(1, -1), ref.movedim(1, -1))
     acc_ref, acc_out = scenes.score(ref, ev), scenes.score(out, ev)
-    png = evaluate.grid_png([ref, out, ((out - ref).abs() * 4).clamp(0, 1)], out_dir / f"{plan_name}.png",
+    png = evaluate.grid_png([ref, out, difference_map(out, ref, 4.0)], out_dir / f"{plan_name}.png",
                             ["uncompressed", f"DFAApply, delta {args.delta:g}", "|difference| x 4"], tile=224)
     print(f"--- sampling {args.images} other captions (first: {ev[0].caption})")
     print(f"unpatched: {t_ref:.2f} s")

@@ -1,4 +1,4 @@
-"""Sample a reference model through ComfyUI's own KSampler, score against ground truth, draw grids.
+"""Sample a reference model through ComfyUI's own KSampler and draw grids (PSNR / SSIM: calibration/quality.py).
 
 Host-side (imports ComfyUI's ``nodes`` lazily). Used by training's final check, the fidelity study, the demo and
 the host tests, so every number about the reference models comes through the same sampling path a user's
@@ -17,7 +17,7 @@ import torch
 
 from . import codec, models, scenes
 
-__all__ = ["sample", "sample_images", "grid_png", "psnr_ssim"]
+__all__ = ["sample", "sample_images", "grid_png"]
 
 
 def sample(model: Any, name: str, captions: Sequence[str], *, res: int, steps: int, seed: int,
@@ -45,20 +45,6 @@ def sample_images(model: Any, name: str, sc: Sequence[scenes.Scene], *, res: int
         lat, _ = sample(model, name, [s.caption for s in sc[i:i + batch]], res=res, steps=steps, seed=seed + i, **kw)
         imgs.append(models.decode_samples(model, lat))
     return torch.cat(imgs)
-
-
-def psnr_ssim(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-image PSNR (dB, data range 1) and SSIM (scikit-image, colour, data range 1) of `[B, 3, H, W]` pairs."""
-    from skimage.metrics import structural_similarity
-
-    a_np = a.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    b_np = b.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    psnr, ssim = [], []
-    for x, y in zip(a_np, b_np):
-        mse = float(((x - y) ** 2).mean())
-        psnr.append(float("inf") if mse == 0 else 10 * np.log10(1.0 / mse))
-        ssim.append(float(structural_similarity(x, y, channel_axis=2, data_range=1.0)))
-    return psnr, ssim
 
 
 def grid_png(rows: Sequence[torch.Tensor], path: Path, labels: Sequence[str] = (), tile: int = 192) -> Path:

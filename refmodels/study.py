@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..calibration.quality import psnr_ssim
 from . import evaluate, models, scenes, text
 
 CAL_SEED, EVAL_SEED, NOISE_SEED = 1000, 2000, 5000
@@ -168,7 +169,7 @@ class _Study:
         patched = apply_dfa(self.mp, plan=plan)
         imgs, wall = self.images(patched, setting)
         ref = self.refs[setting]
-        psnr, ssim = evaluate.psnr_ssim(imgs, ref)
+        psnr, ssim = psnr_ssim(imgs.movedim(1, -1), ref.movedim(1, -1))
         txt = text.encode_text([s.caption for s in self.ev])[0].shape[1]
         tok, tiled = flops_kept(plan, width=res, height=res, txt_len=txt, tile=_tile(plan))
         counts = plan.method_counts()

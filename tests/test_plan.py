@@ -332,6 +332,47 @@ def test_weights_fingerprint_round_trips_and_is_optional():
     assert loads_plan(dumps_plan(marked)).calibration.weights == "w1:0123abcd"
 
 
+def test_conditioning_fingerprint_round_trips_and_is_optional():
+    import dataclasses
+
+    plan = make_plan()
+    assert "conditioning" not in dumps_plan(plan)
+    marked = Plan(plan.model, plan.positions, dataclasses.replace(plan.calibration, conditioning="c1:0123abcd"), "x")
+    assert loads_plan(dumps_plan(marked)).calibration.conditioning == "c1:0123abcd"
+    with pytest.raises(PlanError, match="calibration.conditioning: expected a string"):
+        loads_plan(dumps_plan(marked).replace('"c1:0123abcd"', "5"))
+
+
+def test_settings_differences_name_each_changed_field():
+    import dataclasses
+
+    from dfav2.calibration.plan import SETTINGS_FIELDS, describe_settings, settings_differences
+
+    rng = random.Random(3)
+    cal = dataclasses.replace(make_plan().calibration, weights="w1:aa", conditioning="c1:bb")
+    same = cal.settings()
+    assert set(same) == set(SETTINGS_FIELDS) and settings_differences(cal, same) == []
+    # provenance never counts; a float that went through a widget and JSON still matches
+    assert settings_differences(dataclasses.replace(cal, date="x", host_version="9", wall_time_s=1.0, txt_len=3),
+                                dict(same, delta=0.1 + 0.3, cfg=3.5000000000000004)) == []
+    changes = {"delta": 0.2, "candidates": ("full", "cache"), "prompts": 5, "steps": 28, "sampler": "heun",
+               "scheduler": "beta", "cfg": 1.0, "guidance": 3.5, "width": 512, "height": 512, "seed": 8,
+               "weights": "w1:other", "conditioning": None}
+    assert set(changes) == set(SETTINGS_FIELDS)
+    for _ in range(20):
+        picked = rng.sample(sorted(changes), rng.randint(1, len(changes)))
+        diff = settings_differences(cal, dict(same, **{k: changes[k] for k in picked}))
+        assert [d[0] for d in diff] == [k for k in SETTINGS_FIELDS if k in picked]
+    (name, mine, now), = settings_differences(cal, dict(same, conditioning=None))
+    assert (name, mine, now) == ("conditioning", "c1:bb", "none")
+    assert settings_differences(cal, dict(same, delta=0.5)) == [("delta", "0.4", "0.5")]
+    with pytest.raises(KeyError, match="seed"):
+        settings_differences(cal, {k: v for k, v in same.items() if k != "seed"})
+    text = cal.describe()
+    assert "delta 0.4" in text and "candidates full/cache/arrow/8/arrow/16/arrow/32" in text and "guidance none" in text
+    assert describe_settings({"steps": 4, "guidance": None}) == "steps 4, guidance none"
+
+
 def _cap_sized_plan_text(positions: int) -> str:
     rng = random.Random(0)
     layers = [{"name": f"double.{i}", "heads": 24, "head_dim": 128} for i in range(19)]

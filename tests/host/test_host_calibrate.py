@@ -137,7 +137,7 @@ def test_existing_file_is_not_replaced_without_overwrite(models, plans_dir):
     taken = plans_dir / "taken.json"
     taken.write_text("precious")
     steps = []
-    with pytest.raises(ValueError, match="already exists and overwrite is off; no calibration was run"):
+    with pytest.raises(ValueError, match="already exists but is not a readable DiTFastAttnV2 plan .*no calibration was run"):
         _calibrate(models[fam], fam, plan_name="taken", on_step=lambda s, t: steps.append(s))
     assert taken.read_text() == "precious" and steps == []  # refused before sampling
     res = _calibrate(models[fam], fam, plan_name="taken.json", overwrite=True)
@@ -148,6 +148,72 @@ def test_existing_file_is_not_replaced_without_overwrite(models, plans_dir):
     assert res.path == plans_dir / "evil_na_me.json"
     with pytest.raises(ValueError, match="no usable characters"):
         _calibrate(models[fam], fam, plan_name="../")
+
+
+def test_rerun_with_same_settings_loads_the_file_and_changed_settings_fail_with_both_records(models, plans_dir):
+    """Calibrate once: the same model and settings load the existing file (no sampling, fast); anything that changes
+    the calibration fails before sampling and shows both records; overwrite on calibrates again."""
+    import time
+
+    fam = "sd35m"
+    model = models[fam]
+    kw = dict(plan_name="once", delta=0.5, cfg=2.0)
+    first = _calibrate(model, fam, **kw)
+    path = plans_dir / "once.json"
+    text = path.read_text()
+    assert first.samples is not None and "calibration: " in first.summary
+    assert first.plan.calibration.conditioning.startswith("c1:")
+
+    steps = []
+    t0 = time.perf_counter()
+    again = _calibrate(model, fam, on_step=lambda s, t: steps.append(s), **kw)
+    elapsed = time.perf_counter() - t0
+    assert steps == [] and again.samples is None and elapsed < 2.0, elapsed
+    assert again.path == path and path.read_text() == text  # not rewritten
+    assert again.plan.positions == first.plan.positions and again.plan.calibration == first.plan.calibration
+    assert "loaded, not calibrated again" in again.summary and "attention FLOPs kept" in again.summary
+
+    changed = {
+        "delta": (dict(delta=0.2), "delta: file 0.5, now 0.2"),
+        "steps": (dict(steps=3), "steps: file 4, now 3"),
+        "seed": (dict(seed=5), "seed: file 0, now 5"),
+        "size": (dict(width=128), "width: file 256, now 128"),
+        "sampler": (dict(sampler_name="heun"), "sampler: file euler, now heun"),
+        "candidates": (dict(candidates="cache only"), "candidates: file full/cache/arrow/8/arrow/16/arrow/32, now full/cache"),
+        "prompts": (dict(positive=_batch_cond(fam, 2, 4)), "conditioning: file c1:"),
+        "negative at cfg 2": (dict(negative=H.conditioning(fam, 32, 9)), "conditioning: file c1:"),
+    }
+    for what, (change, needle) in changed.items():
+        with pytest.raises(ValueError) as err:
+            _calibrate(model, fam, on_step=lambda s, t: steps.append(s), **{**kw, **change})
+        msg = str(err.value)
+        assert needle in msg, (what, msg)
+        assert "overwrite is off" in msg and "\nfile: sd3 (" in msg and "\nnow:  sd3 (" in msg, msg
+        assert "delta 0.5" in msg.split("\nfile: ")[1].split("\n")[0]  # the file's whole record
+        assert steps == [] and path.read_text() == text, what
+    with pytest.raises(ValueError, match="model: plan has 3 attention layers but the model has 2"):
+        _calibrate(models["sd3"], "sd3", **kw)
+    # at cfg 1 the negative is never sampled: another negative is still the same calibration
+    one = _calibrate(model, fam, plan_name="cfg1", delta=0.5)
+    assert _calibrate(model, fam, plan_name="cfg1", delta=0.5, negative=H.conditioning(fam, 32, 9)).samples is None
+
+    redo = _calibrate(model, fam, on_step=lambda s, t: steps.append(s), **{**kw, "delta": 0.2, "overwrite": True})
+    assert steps == [1, 2, 3, 4] and redo.samples is not None and redo.plan.calibration.delta == 0.2
+    assert load_plan(path).calibration == redo.plan.calibration and one.samples is not None
+
+
+def test_node_rerun_with_clip_loads_the_file(models, plans_dir):
+    from dfav2.nodes.v3 import DFACalibrate
+
+    kw = dict(model=models["sd35m"], clip=_FakeClip(), prompts="a fox\na lighthouse", negative_prompt="", width=128,
+              height=128, steps=3, cfg=1.0, guidance=3.5, sampler_name="euler", scheduler="simple", seed=1, delta=0.4,
+              candidates="cache only", plan_name="node_once", overwrite=False)
+    first = DFACalibrate.execute(**kw)
+    again = DFACalibrate.execute(**kw)
+    assert again.args[0].positions == first.args[0].positions
+    assert "loaded, not calibrated again" in again.args[1] and again.ui.as_dict()["text"] == (again.args[1],)
+    with pytest.raises(ValueError, match="conditioning: file c1:"):
+        DFACalibrate.execute(**{**kw, "prompts": "a fox\na cathedral"})
 
 
 @pytest.mark.parametrize("how", ["callback", "host interrupt flag"])
@@ -231,7 +297,7 @@ def test_node_schema_and_execute_with_clip_and_prompt_list(models, plans_dir):
 
     schema = DFACalibrate.define_schema()
     assert (schema.node_id, schema.display_name, schema.category) == ("DFACalibrate", "DiTFastAttnV2 Calibrate", CATEGORY)
-    assert not schema.is_output_node
+    assert schema.is_output_node  # a calibrate-only workflow can be queued
     inputs = {i.id: i for i in schema.inputs}
     assert all(i.tooltip for i in schema.inputs)
     assert inputs["prompts"].default.splitlines() == list(DEFAULT_PROMPTS) and len(DEFAULT_PROMPTS) == 8

@@ -80,6 +80,7 @@ class Server:
         while time.perf_counter() - t0 < timeout:
             h = self.get(f"/history/{pid}")
             if pid in h and h[pid].get("status", {}).get("completed") is not None:
+                self.last_outputs = h[pid].get("outputs", {})  # node id -> its ui result
                 st = h[pid]["status"]
                 if st.get("completed") or st.get("status_str") == "error":
                     return st
@@ -167,10 +168,35 @@ def test_object_info_lists_the_nodes_and_plans(server):
     assert sorted(options) == sorted(["flux_full.json", "flux_ac.json", "sd35m_full.json", "sd35m_ac.json", "none"])
     assert "DFALoadPlan" in server.get("/object_info")
     templates = server.get("/api/workflow_templates")
-    assert sorted(templates.get(PACK_DIR_NAME, [])) == ["dfa_apply_flux", "dfa_apply_sd35_medium", "dfa_calibrate_apply_flux"]
+    examples = sorted(p.stem for p in (H.PACK_ROOT / "example_workflows").glob("*.json"))
+    assert len(examples) >= 5 and sorted(templates.get(PACK_DIR_NAME, [])) == examples
+    assert info["input"]["required"]["plan"][1].get("default") == "none"  # not some other model's plan
+    for node, outputs in (("DFAPlanInfo", ["IMAGE", "STRING"]), ("DFACompare", ["IMAGE", "IMAGE", "IMAGE", "STRING"]),
+                          ("DFACalibrate", ["DFA_PLAN", "STRING"])):
+        node_info = server.get(f"/object_info/{node}")[node]
+        assert node_info["output"] == outputs and node_info["output_node"] is True, node
+    # every example's DFACompare widget values line up with DFACompare's widgets (+ the seed's control_after_generate)
+    req = server.get("/object_info/DFACompare")["DFACompare"]["input"]["required"]
+    widgets = [k for k, spec in req.items() if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "COMBO")]
+    compares = [n for e in examples
+                for n in json.loads((H.PACK_ROOT / "example_workflows" / f"{e}.json").read_text())["nodes"]
+                if n["type"] == "DFACompare"]
+    assert compares
+    for node in compares:
+        assert len(node["widgets_values"]) == len(widgets) + 1 and node["widgets_values"][2] == "fixed"
     assert f"{PACK_DIR_NAME}" not in "".join(l for l in server.log_text().splitlines() if "IMPORT FAILED" in l)
-    # The front-end file that shows plan summaries on the nodes is served from web/.
-    assert f"/extensions/{PACK_DIR_NAME}/dfav2.js" in server.get("/extensions")
+    # The front-end file that shows plan summaries on the nodes is served from web/, once (not also under the
+    # pyproject name: it would register twice).
+    assert [e for e in server.get("/extensions") if e.endswith("/dfav2.js")] == [f"/extensions/{PACK_DIR_NAME}/dfav2.js"]
+    # The plan list the dropdowns use: family, signature and calibration size per plan file.
+    plans = {p["name"]: p for p in server.get("/dfav2/plans")["plans"]}
+    assert set(plans) == {"flux_full.json", "flux_ac.json", "sd35m_full.json", "sd35m_ac.json"}
+    assert plans["flux_ac.json"]["family"] == "flux" and plans["sd35m_ac.json"]["family"] == "sd3"
+    assert plans["flux_ac.json"]["signature"] == plans["flux_full.json"]["signature"] != plans["sd35m_ac.json"]["signature"]
+    # The reference-model nodes (the example that runs as-is uses them).
+    for node in ("DFARefModelLoader", "DFARefTextEncode"):
+        assert node in server.get(f"/object_info/{node}")
+    assert server.get("/object_info/DFARefModelLoader")["DFARefModelLoader"]["output"] == ["MODEL", "VAE"]
 
 
 def test_two_models_with_different_plans_in_one_prompt(server):
@@ -260,7 +286,66 @@ def test_calibrate_apply_ksampler_in_one_prompt(server):
     assert _latent(server, "cal1").shape == _latent(server, "cal0").shape
 
     st = server.run(_calibrate_workflow(family=family, plan_name=name, delta=0.3, seed=1, prefix="cal2"))
-    assert st.get("status_str") == "error" and "already exists and overwrite is off" in json.dumps(st)
+    assert st.get("status_str") == "error" and "delta: file 0.5, now 0.3" in json.dumps(st)
     assert path.read_bytes() == before
     log = server.log_text()
     assert "DiTFastAttnV2 calibration wrote" in log or path.exists()
+
+
+def test_apply_sends_each_runs_report_to_the_client(server):
+    """The client that queued a prompt gets one `dfav2.report` per sampling run of an applied plan (web/dfav2.js
+    shows it on the DFAApply node): the node id, the model, head shares, cache hits, FLOPs saved, dense fallbacks."""
+    import asyncio
+
+    import aiohttp
+
+    wf: dict = {}
+    _chain(wf, 100, loader="UNETLoader", unet="tiny_sd35m.safetensors", pooled=64, plan="sd35m_ac.json",
+           enabled=True, seed=11, prefix="report")
+
+    async def run() -> list[dict]:
+        cid = str(uuid.uuid4())
+        reports = []
+        async with aiohttp.ClientSession() as s, s.ws_connect(f"{server.url}/ws?clientId={cid}") as ws:
+            async with s.post(f"{server.url}/prompt", json={"prompt": wf, "client_id": cid}) as r:
+                pid = (await r.json())["prompt_id"]
+            while True:
+                msg = await asyncio.wait_for(ws.receive(), 120)
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                d = json.loads(msg.data)
+                data = d.get("data") or {}
+                if d["type"] == "dfav2.report":
+                    reports.append(data)
+                elif d["type"] == "execution_error":
+                    raise AssertionError(json.dumps(data)[:2000])
+                elif data.get("prompt_id") == pid and (
+                        d["type"] == "execution_success" or (d["type"] == "executing" and data.get("node") is None)):
+                    return reports
+
+    reports = asyncio.run(run())
+    assert len(reports) == 1, reports
+    r = reports[0]
+    assert r["node"] == "104" and r["plan"] == "sd35m_ac.json" and r["family"] == "sd3"
+    assert r["forwards"] == 4 and r["dense_fallbacks"] == 0 and r["fallbacks"] == {}
+    assert abs(sum(r["head_shares"].values()) - 1.0) < 1e-9 and r["heads"]["cache"] > 0
+    assert 0.0 < r["flops_saved"] < 1.0 and r["cache_hits"] > 0
+    assert "est. attention FLOPs saved" in r["line"]
+
+
+def test_calibrate_alone_and_plan_info_are_queueable_output_nodes(server):
+    """A prompt with only a loader, conditioning and DFACalibrate runs (Calibrate is an output node) and returns the
+    summary as its ui text; DFAPlanInfo on the written file returns the picture as a preview image plus the text."""
+    family = "flux" if HS.host_support().flux_block_identity else "sd35m"
+    wf = _calibrate_workflow(family=family, plan_name="alone", delta=0.5, seed=0, prefix="unused")
+    wf = {k: v for k, v in wf.items() if k in ("1", "2", "3", "4")}
+    st = server.run(wf)
+    assert st.get("status_str") == "success", json.dumps(st)[:3000]
+    text = server.last_outputs["4"]["text"]
+    assert len(text) == 1 and "alone.json" in text[0] and "attention FLOPs kept" in text[0]
+    assert (server.base / "models" / "dfa_plans" / "alone.json").is_file()
+    st = server.run({"1": {"class_type": "DFAPlanInfo", "inputs": {"plan": "alone.json", "width": 0, "height": 0}}})
+    assert st.get("status_str") == "success", json.dumps(st)[:3000]
+    out = server.last_outputs["1"]
+    assert "methods: full" in out["text"][0] and len(out["images"]) == 1 and out["images"][0]["type"] == "temp"
+    assert (server.base / "temp" / out["images"][0]["subfolder"] / out["images"][0]["filename"]).is_file()

@@ -73,8 +73,6 @@ class DFAPatch(HostPatch):
         # arrow kernel's own launch; a chained override (Sage, ModelAttentionBackend, ...) always serves them.
         # "host": every full head runs the host's attention (or the chained override).
         fast = fastest_dense if self.dense == "fastest" and prev is None else None
-        if self.dense == "fastest" and prev is not None:
-            log.info("DiTFastAttnV2: another attention override is chained; it serves the full heads (dense 'host')")
         offload = self.cache_offload  # the run sets the engines' full_by_dense from its fast_dense
         return Run(self.layout, prev, position=position, check=check, fast_dense=fast,
                    consumer_for=lambda device: HeadwiseEngine(plan, backend=backend, cache_offload=offload))

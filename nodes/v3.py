@@ -64,18 +64,19 @@ class DFAApply(io.ComfyNode):
                     **adv,
                 ),
                 io.Combo.Input(
-                    "dense", options=list(DENSE_MODES), default=DENSE_MODES[0],
+                    "dense", options=list(DENSE_MODES), default=DENSE_MODES[0], optional=True,
                     tooltip=(
                         "Who computes the heads the plan keeps full. fastest: on NVIDIA GPUs, layers whose heads all "
                         "run full use cuDNN attention (faster than ComfyUI's default at 2K) and the full heads of "
                         "mixed layers run inside the arrow kernel. host: ComfyUI's own attention computes every full "
                         "head (an all-full plan is then bit-identical to no plan). Another attention node chained "
-                        "before this one (Sage, Model Attention Backend) always serves the full heads."
+                        "before or after this one (Sage, Model Attention Backend) always serves the full heads. "
+                        "Optional, so workflows saved before this option keep working."
                     ),
                     **adv,
                 ),
                 io.Combo.Input(
-                    "cache_memory", options=list(CACHE_OFFLOAD_MODES), default="auto",
+                    "cache_memory", options=list(CACHE_OFFLOAD_MODES), default="auto", optional=True,
                     tooltip=(
                         "Where cached head outputs wait for the next step. gpu: fastest, but a cache-heavy plan at "
                         "2K can hold several GB. cpu: pinned system memory, copied back one layer ahead. auto: cpu "

@@ -204,7 +204,7 @@ BUILD_JS = """(o) => {
   const cal = add('DFACalibrate', [450, 0], { width: o.res, height: o.res, steps: o.steps, cfg: 4.0, seed: 0,
                                               delta: o.delta, plan_name: o.plan_name });
   const apply = add('DFAApply', [950, 0]);
-  const lat = add('EmptySD3LatentImage', [950, 350], { width: o.res, height: o.res });
+  const lat = add('EmptySD3LatentImage', [950, 600], { width: o.res, height: o.res });  // below Apply's advanced widgets and report
   const ks = add('KSampler', [1400, 0], { steps: o.steps, cfg: 4.0, seed: 3, control_after_generate: 'fixed' });
   const dec = add('VAEDecode', [1400, 400]);
   const prev = add('PreviewImage', [1750, 0]);

@@ -1,4 +1,4 @@
-"""Browser tests: a real ComfyUI server with this pack (tests/browser/comfy_server.py) and headless Chromium driven
+"""Browser tests: a real ComfyUI server with this pack (tests/host/comfy_server.py) and headless Chromium driven
 by Playwright's Python package. Needs a ComfyUI tree (COMFYUI_PATH, as the host tests), ComfyUI's packages in this
 environment, the `playwright` package (no browser download: `pip install playwright`, never `playwright install`)
 and a system Chromium (Debian: `apt-get install chromium`; another binary: DFAV2_CHROMIUM=/path/to/chrome).

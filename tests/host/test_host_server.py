@@ -6,10 +6,6 @@ loader -> DFACalibrate -> DFAApply -> KSampler runs as one prompt."""
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import dfa_hostenv as H
+from comfy_server import PACK_DIR_NAME, ComfyServer
 
 H.skip_module_without_host()
 pytestmark = [pytest.mark.host, pytest.mark.usefixtures("host")]
@@ -30,43 +27,10 @@ from dfav2.nodes import adapter as A  # noqa: E402
 from dfav2.nodes import host as HS  # noqa: E402
 from dfav2.nodes import layouts as Ly  # noqa: E402
 
-PACK_DIR_NAME = "ComfyUI-DFAv2"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base: Path, port: int):
-        self.base, self.url = base, f"http://127.0.0.1:{port}"
-        self.log_path = base / "server.log"
-        args = [sys.executable, str(H.HERE / "launch_host.py"), str(H.COMFY_PATH), "--cpu", "--listen", "127.0.0.1",
-                "--port", str(port), "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
-                "--database-url", "sqlite:///:memory:", "--extra-model-paths-config", str(base / "extra_model_paths.yaml")]
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        t0 = time.perf_counter()
-        while True:
-            try:
-                self.get("/system_stats")
-                break
-            except Exception:  # noqa: BLE001
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited rc={self.proc.returncode}:\n{self.log_text()[-3000:]}")
-                if time.perf_counter() - t0 > 90:
-                    raise RuntimeError(f"server did not come up in 90 s:\n{self.log_text()[-3000:]}")
-                time.sleep(0.2)
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def get(self, path):
-        with urllib.request.urlopen(self.url + path, timeout=20) as r:
-            return json.loads(r.read())
+class Server(ComfyServer):
+    """The shared server (comfy_server.py) plus `run`: queue an API prompt and wait for its status."""
 
     def run(self, prompt: dict, timeout: float = 120) -> dict:
         body = json.dumps({"prompt": prompt, "client_id": str(uuid.uuid4())}).encode()
@@ -86,17 +50,6 @@ class Server:
                     return st
             time.sleep(0.05)
         raise TimeoutError(f"prompt {pid} did not finish in {timeout} s")
-
-    def stop(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        except ProcessLookupError:
-            pass
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +74,8 @@ def server(tmp_path_factory, tiny_paths, models):
     (base / "custom_nodes").mkdir()
     os.symlink(H.PACK_ROOT, base / "custom_nodes" / PACK_DIR_NAME)
     shutil.copytree(H.HERE / "host_test_nodes", base / "custom_nodes" / "dfa_host_test_nodes")
-    srv = Server(base, _free_port())
+    srv = Server(H.COMFY_PATH, base, timeout=90.0,
+                 extra_args=("--extra-model-paths-config", str(base / "extra_model_paths.yaml")))
     try:
         yield srv
     finally:

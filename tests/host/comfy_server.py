@@ -1,5 +1,6 @@
-"""A real ComfyUI server for the browser tests: `ComfyServer(comfy_path, base)` starts tests/host/launch_host.py (the
-CPU torchvision shim, then ComfyUI's main.py) on 127.0.0.1 with this pack linked into ``<base>/custom_nodes``.
+"""A real ComfyUI server for the host server tests and the browser tests: `ComfyServer(comfy_path, base)` starts
+tests/host/launch_host.py (the CPU torchvision shim, then ComfyUI's main.py) on 127.0.0.1 with this pack linked into
+``<base>/custom_nodes``; `chromium_path` finds the browser the browser tests drive.
 Nothing is written into the ComfyUI tree: models, plans, outputs and the user folder live under `base`."""
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, comfy_path: Path, base: Path, *, timeout: float = 120.0) -> None:
+    def __init__(self, comfy_path: Path, base: Path, *, timeout: float = 120.0, extra_args: tuple[str, ...] = ()) -> None:
         self.base = base
         (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
         link = base / "custom_nodes" / PACK_DIR_NAME
@@ -51,7 +52,7 @@ class ComfyServer:
         self.log_path = base / "server.log"
         args = [sys.executable, str(LAUNCHER), str(comfy_path), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                 "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
-                "--database-url", "sqlite:///:memory:"]
+                "--database-url", "sqlite:///:memory:", *extra_args]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         t0 = time.perf_counter()

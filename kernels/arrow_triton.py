@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["arrow_attention_triton"]
+__all__ = ["arrow_attention_triton", "fp8_supported"]
 
 # head_window codes (int32 per head): the window vocabulary of kernels/methods.py (WINDOW_FULL, WINDOW_SKIP,
 # band half-width >= 0), restated here because this file is also loaded standalone (tests, bench);
@@ -23,6 +23,12 @@ _FULL = -1
 _SKIP = -2
 _LOG2E = 1.4426950408889634
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+# FP8 heads (head_quant = 1): Q.K^T in e4m3 (largest finite 448) with one scale per query tile of Q and per-token
+# scales of mean-smoothed K; P.V in the input dtype (an e4m3 P.V measured 2x slower and 2-3x less accurate on an
+# H200, kernels/NOTES.md). The scheme of kernels/quant.py's reference.
+_FP8_MAX = tl.constexpr(448.0)
+#: Smallest scale of a quantized block/row: an all-zero block quantizes to zeros instead of 0/0.
+_FP8_MIN_SCALE = tl.constexpr(1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,6 +58,73 @@ def _head_for_slot(HW, slot, H, H_PAD: tl.constexpr):
     """
     offs, rank, n_full, n_arrow = _rank_heads(HW, H, H_PAD)
     return tl.sum(tl.where(rank == slot, offs, 0), axis=0)
+
+
+@triton.jit
+def _to_fp8(x, INTERP: tl.constexpr):
+    """x (fp32, |x| <= 448) rounded to e4m3. On the GPU a real cast (cvt.rn.satfinite). Under the interpreter the
+    same round-to-nearest-even in fp32 arithmetic, kept as fp32: Triton 3.6's interpreter rounds values that carry
+    into the next binade wrong (31.85 -> 16), and its fp8 tl.dot is wrong too."""
+    if INTERP:
+        ax = tl.abs(x)
+        e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(ax, 1e-30))), -6.0)  # binade; subnormals below 2^-6
+        ulp = tl.math.exp2(e - 3.0)                                            # 3 mantissa bits
+        r = ((ax / ulp + 12582912.0) - 12582912.0) * ulp                       # 1.5 * 2^23: fp32 round-half-even
+        return tl.where(x < 0, -r, r)
+    else:
+        return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quant_fwd(Q, K, HQ, KM, Q8, K8, SQ, SK,
+               sqb, sqh, sql, sqd, skb, skh, skl, skd,
+               H, L, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+    """Quantization pre-pass of the FP8 heads: one program per (query tile, batch x head); bf16 heads load and store
+    nothing. Q8, K8: [B, H, L, D] e4m3. SQ [B, H, tiles]: one scale per tile of BLOCK query rows (the kernel's
+    BLOCK_M), times the softmax scale in log2 units. SK [B, H, L]: per-token scales of K after subtracting its
+    per-channel mean KM (softmax-invariant; it takes the shared offset out of K's range)."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    live = tl.load(HQ + h) != 0
+    rows = t * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = (rows < L) & live
+    ok = row_ok[:, None]
+    bh64 = bh.to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None] * sql + offs_d[None, :] * sqd,
+                mask=ok, other=0.0).to(tl.float32)
+    sq = tl.maximum(tl.max(tl.max(tl.abs(q), 1), 0) / _FP8_MAX, _FP8_MIN_SCALE)
+    tl.store(Q8 + bh64 * L * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], _to_fp8(q / sq, INTERP), mask=ok)
+    tl.store(SQ + bh64 * tl.cdiv(L, BLOCK) + t, sq * qk_scale, mask=live)
+    k = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + rows[:, None] * skl + offs_d[None, :] * skd,
+                mask=ok, other=0.0).to(tl.float32)
+    k = k - tl.load(KM + bh64 * HEAD_DIM + offs_d)[None, :]
+    sk = tl.maximum(tl.max(tl.abs(k), 1) / _FP8_MAX, _FP8_MIN_SCALE)
+    tl.store(K8 + bh64 * L * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], _to_fp8(k / sk[:, None], INTERP),
+             mask=ok)
+    tl.store(SK + bh64 * L + rows, sk, mask=row_ok)
+
+
+@triton.jit
+def _load_v(V, v_base, start, offs_n, offs_d, svl, svd, L, vdesc, b, h,
+            BOUNDS: tl.constexpr, USE_TMA: tl.constexpr, FLAT: tl.constexpr, BLOCK_N: tl.constexpr,
+            HEAD_DIM: tl.constexpr):
+    if USE_TMA:
+        if FLAT:
+            v = vdesc.load([b, start, h, 0]).reshape(BLOCK_N, HEAD_DIM)
+        else:
+            v = vdesc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    else:
+        rows = start + offs_n
+        v_ptrs = V + v_base + rows[:, None] * svl + offs_d[None, :] * svd
+        if BOUNDS:
+            v = tl.load(v_ptrs, mask=(rows < L)[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+    return v
 
 
 @triton.jit
@@ -122,9 +195,65 @@ def _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
 
 
 @triton.jit
+def _tile8(acc, l_i, m_i, q8, sq, K8, SK, kv8_base, sk_base, V, v_base, start, offs_n, offs_d, svl, svd, L, T, lo, hi,
+           k8desc, vdesc, b, h,
+           MASKED: tl.constexpr, USE_TMA: tl.constexpr, FLAT: tl.constexpr, BLOCK_N: tl.constexpr,
+           HEAD_DIM: tl.constexpr, INTERP: tl.constexpr):
+    """`_tile` of an FP8 head: e4m3 Q.K^T (the query tile's scale `sq` times the keys' per-token scales: one multiply
+    per score, as the bf16 tile's softmax scale), then the online softmax and P.V in V's dtype."""
+    kk = start + offs_n
+    if USE_TMA:
+        k8 = k8desc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    else:
+        k_ptrs = K8 + kv8_base + kk[:, None] * HEAD_DIM + offs_d[None, :]
+        if MASKED:
+            k8 = tl.load(k_ptrs, mask=(kk < L)[:, None], other=0.0)
+        else:
+            k8 = tl.load(k_ptrs)
+    v = _load_v(V, v_base, start, offs_n, offs_d, svl, svd, L, vdesc, b, h, MASKED, USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
+    if MASKED:
+        scale = tl.load(SK + sk_base + kk, mask=kk < L, other=0.0) * sq
+    else:
+        scale = tl.load(SK + sk_base + kk) * sq
+    if INTERP:
+        s = tl.dot(q8, tl.trans(k8), input_precision="ieee")
+    else:
+        s = tl.dot(q8, tl.trans(k8))
+    s = s * scale[None, :]
+    if MASKED:
+        keep = (kk < T)[None, :] | ((kk[None, :] >= lo[:, None]) & (kk[None, :] <= hi[:, None]))
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if INTERP:
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _tile_any(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d, skl, skd, svl, svd,
+              L, T, lo, hi, qk_scale, kdesc, vdesc, b, h, sq, K8, SK, kv8_base, sk_base, k8desc,
+              MASKED: tl.constexpr, USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, INTERP: tl.constexpr, FP8: tl.constexpr):
+    if FP8:
+        return _tile8(acc, l_i, m_i, q, sq, K8, SK, kv8_base, sk_base, V, v_base, start, offs_n, offs_d, svl, svd,
+                      L, T, lo, hi, k8desc, vdesc, b, h, MASKED, USE_TMA, FLAT, BLOCK_N, HEAD_DIM, INTERP)
+    else:
+        return _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d, skl, skd, svl, svd,
+                     L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
+                     MASKED, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
+
+
+@triton.jit
 def _arrow_fwd(
-    Q, K, V, O, HW,
+    Q, K, V, O, HW, HQ,
     qdesc, kdesc, vdesc,
+    Q8, K8, SQ, SK, q8desc, k8desc,
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,
     svb, svh, svl, svd,
@@ -132,20 +261,102 @@ def _arrow_fwd(
     B, H, L, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
     USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr,
-    ZERO_SKIP: tl.constexpr,
+    ZERO_SKIP: tl.constexpr, QUANT: tl.constexpr,
 ):
-    """One program per work item (head, batch, query tile), long items first (see `_work`)."""
+    """One program per work item (head, batch, query tile), long items first (see `_work`). QUANT: the launch has
+    FP8 heads (HQ[h] = 1; their operands come quantized from `_quant_fwd`); bf16 heads run beside them."""
     offs_h, rank, n_full, n_arrow = _rank_heads(HW, H, H_PAD)
-    _work(tl.program_id(0), offs_h, rank, n_full, n_arrow, Q, K, V, O, HW, qdesc, kdesc, vdesc,
+    _work(tl.program_id(0), offs_h, rank, n_full, n_arrow, Q, K, V, O, HW, HQ, qdesc, kdesc, vdesc,
+          Q8, K8, SQ, SK, q8desc, k8desc,
           sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
-          B, H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, H_PAD, USE_TMA, FLAT, IEEE, INTERP, WS, ZERO_SKIP)
+          B, H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, H_PAD, USE_TMA, FLAT, IEEE, INTERP, WS, ZERO_SKIP,
+          QUANT)
+
+
+@triton.jit
+def _attend(Q, K, V, qdesc, kdesc, vdesc, Q8, K8, SQ, SK, q8desc, k8desc,
+            sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+            b, h, m0, skip, nu, nu1, u2, na, na1, na2, a1, a2, a3, offs_m, offs_n, offs_d, lo, hi,
+            H, L, T, qk_scale,
+            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr,
+            FP8: tl.constexpr):
+    """The key loops of one work item: (acc, l) with out = acc / l. FP8: the quantized operands."""
+    bh_q = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    k_base = b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    bh8 = b.to(tl.int64) * H + h
+    kv8_base = bh8 * L * HEAD_DIM
+    sk_base = bh8 * L
+    if FP8:
+        if USE_TMA:
+            q = q8desc.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
+        else:
+            q = tl.load(Q8 + kv8_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=(offs_m < L)[:, None] & (skip == 0), other=0.0)
+    else:
+        if USE_TMA:
+            if FLAT:
+                q = qdesc.load([b, m0, h, 0]).reshape(BLOCK_M, HEAD_DIM)
+            else:
+                q = qdesc.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
+        else:
+            q_ok = (offs_m < L)[:, None] & (skip == 0)
+            q = tl.load(Q + bh_q + offs_m[:, None] * sql + offs_d[None, :] * sqd, mask=q_ok, other=0.0)
+
+    # m starts finite, masked scores are -inf: a fully masked tile then adds exactly 0 (no NaN)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if FP8:  # this query tile's scale (softmax scale included)
+        sq = tl.load(SQ + bh8 * tl.cdiv(L, BLOCK_M) + m0 // BLOCK_M)
+    else:
+        sq = 0.0
+
+    # ---- interior tiles: no element mask, no bounds; then edge tiles, masked token-exactly ----
+    if INTERP:
+        # the interpreter holds scalars as 1-element arrays, which range() rejects: count with while
+        j = 0
+        while j < nu:
+            start = j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
+            acc, l_i, m_i = _tile_any(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
+                                      skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
+                                      sq, K8, SK, kv8_base, sk_base, k8desc,
+                                      False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP, FP8)
+            j += 1
+        j = 0
+        while j < na:
+            start = (j * BLOCK_N + a1 + (j >= na1).to(tl.int32) * (a2 - na1 * BLOCK_N - a1)
+                     + (j >= na1 + na2).to(tl.int32) * (a3 - na2 * BLOCK_N - a2))
+            acc, l_i, m_i = _tile_any(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
+                                      skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
+                                      sq, K8, SK, kv8_base, sk_base, k8desc,
+                                      True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP, FP8)
+            j += 1
+    else:
+        for j in tl.range(0, nu, warp_specialize=WS):
+            start = j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
+            acc, l_i, m_i = _tile_any(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
+                                      skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
+                                      sq, K8, SK, kv8_base, sk_base, k8desc,
+                                      False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP, FP8)
+        for j in tl.range(0, na, warp_specialize=WS):
+            start = (j * BLOCK_N + a1 + (j >= na1).to(tl.int32) * (a2 - na1 * BLOCK_N - a1)
+                     + (j >= na1 + na2).to(tl.int32) * (a3 - na2 * BLOCK_N - a2))
+            acc, l_i, m_i = _tile_any(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
+                                      skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
+                                      sq, K8, SK, kv8_base, sk_base, k8desc,
+                                      True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP, FP8)
+    return acc, l_i
 
 
 @triton.jit
 def _work(
     pid, offs_h, rank, n_full, n_arrow,
-    Q, K, V, O, HW,
+    Q, K, V, O, HW, HQ,
     qdesc, kdesc, vdesc,
+    Q8, K8, SQ, SK, q8desc, k8desc,
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,
     svb, svh, svl, svd,
@@ -153,7 +364,7 @@ def _work(
     B, H, L, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
     USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr,
-    ZERO_SKIP: tl.constexpr,
+    ZERO_SKIP: tl.constexpr, QUANT: tl.constexpr,
 ):
     """One work item (head, batch, query tile) -> its output rows."""
     # ---- item -> (head, batch, query tile) ----
@@ -231,55 +442,25 @@ def _work(
     img_row = (offs_m >= T) & (w >= 0)
     lo = tl.where(img_row, offs_m - wp, 0)
     hi = tl.minimum(tl.where(img_row, offs_m + wp, L - 1), L - 1)
-
-    # ---- load the query tile ----
-    bh_q = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    k_base = b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    v_base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    if USE_TMA:
-        if FLAT:
-            q = qdesc.load([b, m0, h, 0]).reshape(BLOCK_M, HEAD_DIM)
+    # ---- the key loops: bf16 heads, or (a runtime branch, one launch) FP8 heads ----
+    if QUANT:
+        if tl.load(HQ + h) != 0:
+            acc, l_i = _attend(Q, K, V, qdesc, kdesc, vdesc, Q8, K8, SQ, SK, q8desc, k8desc,
+                               sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+                               b, h, m0, skip, nu, nu1, u2, na, na1, na2, a1, a2, a3, offs_m, offs_n, offs_d, lo, hi,
+                               H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, USE_TMA, FLAT, IEEE, INTERP, WS,
+                               True)
         else:
-            q = qdesc.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
+            acc, l_i = _attend(Q, K, V, qdesc, kdesc, vdesc, Q8, K8, SQ, SK, q8desc, k8desc,
+                               sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+                               b, h, m0, skip, nu, nu1, u2, na, na1, na2, a1, a2, a3, offs_m, offs_n, offs_d, lo, hi,
+                               H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, USE_TMA, FLAT, IEEE, INTERP, WS,
+                               False)
     else:
-        q_ok = (offs_m < L)[:, None] & (skip == 0)
-        q = tl.load(Q + bh_q + offs_m[:, None] * sql + offs_d[None, :] * sqd, mask=q_ok, other=0.0)
-
-    # m starts finite, masked scores are -inf: a fully masked tile then adds exactly 0 (no NaN)
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-
-    # ---- interior tiles: no element mask, no bounds; then edge tiles, masked token-exactly ----
-    if INTERP:
-        # the interpreter holds scalars as 1-element arrays, which range() rejects: count with while
-        j = 0
-        while j < nu:
-            start = j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
-            acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
-                                  skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
-                                  False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
-            j += 1
-        j = 0
-        while j < na:
-            start = (j * BLOCK_N + a1 + (j >= na1).to(tl.int32) * (a2 - na1 * BLOCK_N - a1)
-                     + (j >= na1 + na2).to(tl.int32) * (a3 - na2 * BLOCK_N - a2))
-            acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
-                                  skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
-                                  True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
-            j += 1
-    else:
-        for j in tl.range(0, nu, warp_specialize=WS):
-            start = j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
-            acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
-                                  skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
-                                  False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
-        for j in tl.range(0, na, warp_specialize=WS):
-            start = (j * BLOCK_N + a1 + (j >= na1).to(tl.int32) * (a2 - na1 * BLOCK_N - a1)
-                     + (j >= na1 + na2).to(tl.int32) * (a3 - na2 * BLOCK_N - a2))
-            acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
-                                  skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
-                                  True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP)
+        acc, l_i = _attend(Q, K, V, qdesc, kdesc, vdesc, Q8, K8, SQ, SK, q8desc, k8desc,
+                           sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+                           b, h, m0, skip, nu, nu1, u2, na, na1, na2, a1, a2, a3, offs_m, offs_n, offs_d, lo, hi,
+                           H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, USE_TMA, FLAT, IEEE, INTERP, WS, False)
 
     # ---- epilogue (padding rows may hold 0/0; they are never stored) ----
     o = acc / l_i[:, None]
@@ -469,10 +650,57 @@ def _descriptor(x, layout: str, H: int, D: int, block_rows: int):
     return TensorDescriptor(x, [B, L, H, D], [sb, sl, D, 1], [1, block_rows, 1, D])
 
 
+class _QuantBuffers:
+    """Workspace of the FP8 pre-pass for one geometry (B, H, L, D), query tile and device: e4m3 Q and K, fp32 scales
+    (one per query tile of Q; per token of K) and K's per-channel means. Under the interpreter the "e4m3" buffers
+    are fp32 holding e4m3 values (see `_to_fp8`)."""
+
+    __slots__ = ("q8", "k8", "sq", "sk", "km", "block_m")
+
+    def __init__(self, B: int, H: int, L: int, D: int, block_m: int, device: torch.device, interp: bool) -> None:
+        dt = torch.float32 if interp else torch.float8_e4m3fn
+        self.block_m = block_m
+        self.q8 = torch.empty((B, H, L, D), dtype=dt, device=device)
+        self.k8 = torch.empty((B, H, L, D), dtype=dt, device=device)
+        self.sq = torch.empty((B, H, triton.cdiv(L, block_m)), dtype=torch.float32, device=device)
+        self.sk = torch.empty((B, H, L), dtype=torch.float32, device=device)
+        self.km = torch.empty((B, H, D), dtype=torch.float32, device=device)
+
+    def descriptors(self, BN: int) -> list:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        B, H, L, D = self.q8.shape
+        return [TensorDescriptor(self.q8, [B, H, L, D], list(self.q8.stride()), [1, 1, self.block_m, D]),
+                TensorDescriptor(self.k8, [B, H, L, D], list(self.k8.stride()), [1, 1, BN, D])]
+
+
+_WORKSPACES: dict = {}
+
+
+def _workspace(B: int, H: int, L: int, D: int, block_m: int, device: torch.device, interp: bool) -> _QuantBuffers:
+    """One FP8 workspace per geometry and device (every layer of a model shares it; launches on one stream are
+    ordered, so reuse is safe)."""
+    key = (B, H, L, D, block_m, device, interp)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        if len(_WORKSPACES) >= 8:
+            _WORKSPACES.clear()
+        ws = _WORKSPACES[key] = _QuantBuffers(B, H, L, D, block_m, device, interp)
+    return ws
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """FP8 (e4m3) tensor cores: CUDA compute capability 8.9 or later (Ada, Hopper, Blackwell), or the interpreter."""
+    if _interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _kernel_args(q, k, v, out, head_window, txt_len: int, layout: str, sm_scale, cfg: dict, *, use_tma: bool,
-                 interp: bool, zero_skip: bool):
+                 interp: bool, zero_skip: bool, head_quant=None, quant: _QuantBuffers | None = None):
     """(grid, positional args, launch options) of `_arrow_fwd` for these tensors and config: the one place that
-    turns a call into kernel arguments (`_launch` and the target compile check `_compile_for_target` share it)."""
+    turns a call into kernel arguments (`_launch` and the target compile check `_compile_for_target` share it).
+    `quant` (with `head_quant`): the FP8 variant, reading the pre-pass's buffers."""
     H = head_window.shape[0]
     B, L, D = _geometry(q, H, layout)
     cfg = dict(cfg)
@@ -482,14 +710,20 @@ def _kernel_args(q, k, v, out, head_window, txt_len: int, layout: str, sm_scale,
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
     descs = [_descriptor(x, layout, H, D, bm) for x, bm in ((q, BM), (k, BN), (v, BN))] if use_tma else [None] * 3
+    if quant is not None:
+        assert quant.block_m == BM, "the pre-pass scales Q per query tile of the kernel"
+        qbufs = [quant.q8, quant.k8, quant.sq, quant.sk]
+        qdescs = quant.descriptors(BN) if use_tma else [None] * 2
+    else:  # unused pointers (QUANT is a constexpr: the bf16 variant has no FP8 code)
+        qbufs, qdescs = [q] * 4, [None] * 2
     grid = (max(triton.cdiv(L, BM) * B * H, 1), 1, 1)
     args = (
-        q, k, v, out, head_window, *descs,
+        q, k, v, out, head_window, head_window if head_quant is None else head_quant, *descs, *qbufs, *qdescs,
         *_strides_4d(q, layout, H, D), *_strides_4d(k, layout, H, D),
         *_strides_4d(v, layout, H, D), *_strides_4d(out, layout, H, D),
         B, H, L, int(txt_len), float(sm_scale) * _LOG2E,
         D, BM, BN, max(triton.next_power_of_2(H), 2),
-        use_tma, layout == "blhd_flat", q.dtype == torch.float32 or interp, interp, ws, zero_skip,
+        use_tma, layout == "blhd_flat", q.dtype == torch.float32 or interp, interp, ws, zero_skip, quant is not None,
     )
     return grid, args, cfg  # cfg now holds num_warps, num_stages
 
@@ -498,29 +732,35 @@ class _Plan:
     """Everything a launch needs that depends only on the cache key (shapes, strides, dtypes, devices,
     alignment, txt_len, sm_scale, layout, config): validated once, reused with new base pointers."""
 
-    __slots__ = ("grid", "tail", "opts", "descs", "runner", "empty", "device_index")
+    __slots__ = ("grid", "tail", "opts", "descs", "runner", "empty", "device_index", "quant", "qgrid", "qtail",
+                 "qrunner", "views")
 
 
 _PLANS: dict = {}
 _PLANS_MAX = 256
+_TAIL = 6  # positional args of `_arrow_fwd` that change per call: q, k, v, out, head_window, head_quant
 
 
-def _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip):
+def _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip, quant=False):
     cfg_key = None if config is None else tuple(sorted(config.items()))
     o_key = None if out is None else (out.shape, out.stride(), out.dtype, out.device, out.data_ptr() % 16)
     dev = q.device
     cur = torch.cuda.current_device() if dev.type == "cuda" else -1
-    return (layout, txt_len, sm_scale, cfg_key, use_tma, zero_skip, cur,
+    return (layout, txt_len, sm_scale, cfg_key, use_tma, zero_skip, quant, cur,
             q.shape, q.stride(), q.dtype, dev, q.data_ptr() % 16,
             k.shape, k.stride(), k.dtype, k.device, k.data_ptr() % 16,
             v.shape, v.stride(), v.dtype, v.device, v.data_ptr() % 16,
             head_window.shape, head_window.dtype, head_window.device, head_window.data_ptr() % 16, o_key)
 
 
-def _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip):
+def _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip, head_quant=None):
     B, H, L, D = _validate(q, k, v, head_window, txt_len, layout, out)
+    if head_quant is not None and (head_quant.dtype != torch.int32 or head_quant.shape != head_window.shape
+                                   or head_quant.device != head_window.device):
+        raise ValueError(f"head_quant must be an int32 tensor like head_window ({tuple(head_window.shape)}, "
+                         f"{head_window.device}), got {head_quant.dtype} {tuple(head_quant.shape)} {head_quant.device}")
     plan = _Plan()
-    plan.runner = None
+    plan.runner = plan.qrunner = None
     plan.device_index = q.device.index
     plan.empty = B * H * L == 0
     if out is None:
@@ -530,32 +770,74 @@ def _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, us
     use_tma = cfg.get("TMA", False) if use_tma is None else use_tma
     use_tma = (bool(use_tma) and not plan.empty and q.device.type == "cuda" and not interp
                and torch.cuda.get_device_capability(q.device) >= (9, 0) and _tma_ok((q, k, v)))
+    plan.quant = None
+    if head_quant is not None and not plan.empty:
+        plan.quant = qb = _workspace(B, H, L, D, cfg["BLOCK_M"], q.device, interp)
+        sm = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+        plan.qgrid = (triton.cdiv(L, qb.block_m), B * H, 1)
+        plan.qtail = (qb.km, qb.q8, qb.k8, qb.sq, qb.sk, *_strides_4d(q, layout, H, D), *_strides_4d(k, layout, H, D),
+                      H, L, float(sm) * _LOG2E, D, qb.block_m, interp)
+        plan.views = lambda x: _bhld_view(x, H, layout)
     plan.grid, args, plan.opts = _kernel_args(q, k, v, out, head_window, txt_len, layout, sm_scale, cfg,
-                                              use_tma=use_tma, interp=interp, zero_skip=zero_skip)
-    plan.tail = args[5:]
-    descs = list(args[5:8])
+                                              use_tma=use_tma, interp=interp, zero_skip=zero_skip,
+                                              head_quant=head_quant, quant=plan.quant)
+    plan.tail = args[_TAIL:]
+    descs = list(args[_TAIL:_TAIL + 3])
     plan.descs = descs if use_tma else None
-    for d in descs:  # the plan keeps no tensor alive
+    for d in descs:  # the plan keeps no caller tensor alive (the FP8 descriptors point at the plan's workspace)
         if d is not None:
             d.base = None
     return plan
 
 
+def _bhld_view(x: torch.Tensor, H: int, layout: str) -> torch.Tensor:
+    if layout == "bhld":
+        return x
+    return x.unflatten(-1, (H, x.shape[-1] // H)).transpose(1, 2)
+
+
+def _quantize(plan: _Plan, q, k, head_quant) -> None:
+    """The FP8 pre-pass: K's per-channel mean (one reduction over the tokens), then one kernel that quantizes the
+    FP8 heads' Q and K into the plan's workspace."""
+    torch.mean(plan.views(k), dim=2, dtype=torch.float32, out=plan.quant.km)
+    runner = plan.qrunner
+    if runner:
+        runner(q, k, head_quant, *plan.qtail, stream=torch._C._cuda_getCurrentRawStream(plan.device_index))
+        return
+    D, blk, interp = plan.qtail[-3:]
+    compiled = _quant_fwd[plan.qgrid](q, k, head_quant, *plan.qtail[:-3], HEAD_DIM=D, BLOCK=blk, INTERP=interp)
+    if compiled is not None and not interp and q.device.type == "cuda":
+        plan.qrunner = getattr(compiled, "__getitem__", lambda grid: None)(plan.qgrid)
+
+
+_fp8_warned = False
+
+
 def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, use_tma=None, fast=True,
-            zero_skip=False):
+            zero_skip=False, head_quant=None):
     """Private launcher (tests and the benchmark pass explicit configs here).
 
     The first call for a key (shapes, strides, dtypes, devices, 16-byte alignment, txt_len, sm_scale,
     layout, config) validates the inputs, builds the TMA descriptors and launches through Triton's JIT
     (compiling if needed); later calls with the same key re-point the cached descriptors at the new
     tensors and call the compiled kernel's launcher directly. fast=False: rebuild the plan every call.
-    zero_skip: skipped heads are written as zeros instead of being left alone.
+    zero_skip: skipped heads are written as zeros instead of being left alone. head_quant: per-head FP8 flags.
     """
+    global _fp8_warned
     txt_len = int(txt_len)
-    key = _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip)
+    if head_quant is not None and not fp8_supported(q.device):
+        if not _fp8_warned:
+            _fp8_warned = True
+            import warnings
+            warnings.warn("DiTFastAttnV2: this GPU has no FP8 tensor cores (needs compute capability 8.9+); FP8 heads "
+                          "run in bf16", RuntimeWarning, stacklevel=3)
+        head_quant = None
+    key = _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip,
+                    head_quant is not None)
     plan = _PLANS.get(key) if fast else None
     if plan is None:
-        plan = _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip)
+        plan = _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip,
+                           head_quant)
         if fast:
             if len(_PLANS) >= _PLANS_MAX:
                 _PLANS.clear()
@@ -564,6 +846,9 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
         out = torch.empty_like(q)
     if plan.empty:
         return out
+    if plan.quant is not None:
+        _quantize(plan, q, k, head_quant)
+    hq = head_window if head_quant is None else head_quant
     descs = plan.descs
     if descs is not None:
         descs[0].base = q
@@ -573,14 +858,14 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
         runner = plan.runner  # None: not built yet; False: the direct launcher failed once, use the JIT path
         if runner:
             try:
-                runner(q, k, v, out, head_window, *plan.tail,
+                runner(q, k, v, out, head_window, hq, *plan.tail,
                        stream=torch._C._cuda_getCurrentRawStream(plan.device_index))
             except (TypeError, AttributeError):
                 # The compiled launcher is Triton-internal API: if a Triton release changes it, fall back to
                 # the JIT launch (slower host path, same kernel) instead of failing the attention call.
                 plan.runner = runner = False
         if not runner:
-            compiled = _arrow_fwd[plan.grid](q, k, v, out, head_window, *plan.tail, **plan.opts)
+            compiled = _arrow_fwd[plan.grid](q, k, v, out, head_window, hq, *plan.tail, **plan.opts)
             if runner is None and fast and compiled is not None and not _interpreting() and q.device.type == "cuda":
                 plan.runner = getattr(compiled, "__getitem__", lambda grid: None)(plan.grid)
     finally:
@@ -591,7 +876,7 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
 
 def _compile_for_target(capability: tuple[int, int], *, B: int, H: int, L: int, T: int, D: int,
                         dtype: torch.dtype = torch.bfloat16, layout: str = "bhld", config: dict | None = None,
-                        zero_skip: bool = False):
+                        zero_skip: bool = False, quant: bool = False):
     """Compile `_arrow_fwd` for an NVIDIA GPU of compute `capability` exactly as `_launch` would call it there
     (same config choice, argument list and Triton specialisation: ints equal to 1 become constants, multiples
     of 16 get divisibility hints), without a GPU and without launching: CPU tensors stand in for the inputs
@@ -613,8 +898,9 @@ def _compile_for_target(capability: tuple[int, int], *, B: int, H: int, L: int, 
     hw = torch.empty(H, dtype=torch.int32)
     cfg = dict(config) if config is not None else _arch_config(capability, D, dtype)
     use_tma = bool(cfg.get("TMA", False)) and capability >= (9, 0) and _tma_ok((x,))
+    qb = _QuantBuffers(B, H, L, D, cfg["BLOCK_M"], torch.device("cpu"), False) if quant else None
     _, args, opts = _kernel_args(x, x, x, x, hw, T, layout, None, cfg, use_tma=use_tma, interp=False,
-                                 zero_skip=zero_skip)
+                                 zero_skip=zero_skip, head_quant=hw if quant else None, quant=qb)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **opts)
     options, signature, constexprs, attrs = fn._pack_args(backend, opts, bound, specialization, options)
@@ -623,7 +909,8 @@ def _compile_for_target(capability: tuple[int, int], *, B: int, H: int, L: int, 
 
 def arrow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_window: torch.Tensor,
                            txt_len: int, *, layout: str = "bhld", sm_scale: float | None = None,
-                           out: torch.Tensor | None = None, zero_skip: bool = False) -> torch.Tensor:
+                           out: torch.Tensor | None = None, zero_skip: bool = False,
+                           head_quant: torch.Tensor | None = None) -> torch.Tensor:
     """Head-wise arrow attention for a text-first sequence, all heads of a layer in one launch (the kernel
     entry point; the public, torch.compile-able API is `kernels.attention.arrow_attention`).
 
@@ -649,9 +936,14 @@ def arrow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
         uninitialised (zeros with ``zero_skip``).
     zero_skip : bool
         Write zeros for skipped heads instead of leaving them alone.
+    head_quant : Tensor, optional
+        int32 ``[H]`` beside `head_window`: ``1`` runs that head's Q.K^T in FP8 (e4m3, one scale per query tile of
+        Q, per-token scales of mean-smoothed K, fp32 accumulation; P.V stays in the input dtype; the scheme of
+        `kernels.quant`), ``0`` all in the input dtype; both kinds in one launch, after one quantization pre-pass.
+        On a GPU without FP8 tensor cores (below sm89) every head runs in the input dtype (warned once).
 
     Returns
     -------
     Tensor in the input layout and dtype (fp32 accumulation).
     """
-    return _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip=zero_skip)
+    return _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip=zero_skip, head_quant=head_quant)

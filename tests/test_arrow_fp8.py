@@ -1,0 +1,138 @@
+"""FP8 heads of the arrow kernel (`head_quant`), against an emulation of the same quantization and float64.
+
+CPU tier: Triton's interpreter (TRITON_INTERPRET=1 when there is no CUDA), small odd sizes, FP8 and bf16 heads mixed
+in one launch. GPU tier (`-m gpu`, FP8 tensor cores: sm89+): real sizes and odd lengths.
+The quantization: Q.K^T in e4m3 with one scale per query tile of Q and per-token scales of mean-smoothed K; P.V in
+the input dtype.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+
+import pytest
+import torch
+
+# the bf16 kernel tests' loader, interpreter switch, markers and keep mask (tests/ is not a package)
+_spec = importlib.util.spec_from_file_location("_dfav2_test_arrow_triton",
+                                               pathlib.Path(__file__).with_name("test_arrow_triton.py"))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+FULL, SKIP, _INTERP, _keep_mask, at, cpu_only, gpu = (_base.FULL, _base.SKIP, _base._INTERP, _base._keep_mask,
+                                                      _base.at, _base.cpu_only, _base.gpu)
+
+E4M3 = torch.float8_e4m3fn
+
+
+def emulate(q, k, v, windows, T, quant, block_m=128):
+    """float64 attention per head; FP8 heads quantized as the kernel's scheme (with the exact softmax, not the
+    online one; P rounded to the input dtype)."""
+    B, H, L, D = q.shape
+    out = torch.full((B, H, L, D), float("nan"), dtype=torch.float64, device=q.device)
+    for h, w in enumerate(windows):
+        if w == SKIP:
+            continue
+        qh, kh, vh = q[:, h].float(), k[:, h].float(), v[:, h].float()
+        keep = _keep_mask(w, L, T, q.device)
+        if quant[h]:
+            kh = kh - kh.mean(dim=1, keepdim=True)
+            tiles = qh.abs().amax(-1).split(block_m, dim=1)  # per query tile of block_m rows
+            sq = torch.cat([t.amax(1, keepdim=True).expand_as(t) for t in tiles], 1)[..., None]
+            sq = (sq / 448).clamp(min=1e-12)
+            sk = (kh.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)
+            q8, k8 = (qh / sq).to(E4M3).double(), (kh / sk).to(E4M3).double()
+            s = (q8 @ k8.transpose(-1, -2)) * sq.double() * sk.double().transpose(-1, -2) / math.sqrt(D)
+            s = s.masked_fill(~keep, float("-inf"))
+            p = torch.exp(s - s.amax(-1, keepdim=True))
+            out[:, h] = (p.to(q.dtype).double() @ vh.double()) / p.sum(-1, keepdim=True)
+        else:
+            s = (qh.double() @ kh.double().transpose(-1, -2)) / math.sqrt(D)
+            out[:, h] = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ vh.double()
+    return out
+
+
+def _inputs(B, H, L, D, dtype, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ch = 0.5 + torch.rand(1, H, 1, D, generator=g) * 2
+    q = torch.randn(B, H, L, D, generator=g) * ch
+    k = torch.randn(B, H, L, D, generator=g) * ch + 2 * torch.randn(1, H, 1, D, generator=g)  # offset: smoothing
+    v = torch.randn(B, H, L, D, generator=g)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v)]
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def _check(B, H, T, N, D, windows, quant, dtype, device, seed, tol_emu, tol_exact):
+    L = T + N
+    q, k, v = _inputs(B, H, L, D, dtype, device, seed)
+    hw = torch.tensor(windows, dtype=torch.int32, device=device)
+    hq = torch.tensor(quant, dtype=torch.int32, device=device)
+    o = at.arrow_attention_triton(q, k, v, hw, T, head_quant=hq, zero_skip=True)
+    plain = at.arrow_attention_triton(q, k, v, hw, T, zero_skip=True)
+    block_m = at._default_config(q.device, D, q.dtype, L)["BLOCK_M"]
+    emu = emulate(q, k, v, windows, T, quant, block_m)
+    exact = emulate(q, k, v, windows, T, [0] * H)
+    for h, w in enumerate(windows):
+        if w == SKIP:
+            assert torch.count_nonzero(o[:, h]) == 0
+        elif quant[h]:
+            # the kernel quantizes P against the running row max (online softmax), the emulation against the final
+            # one: the two differ by P's rounding, well inside the gap to a wrong scale or a missing smoothing
+            assert _rel(o[:, h], emu[:, h]) < tol_emu, (h, w, _rel(o[:, h], emu[:, h]))
+            assert _rel(o[:, h], exact[:, h]) < tol_exact, (h, w, _rel(o[:, h], exact[:, h]))
+        else:  # bf16 heads of an FP8 launch run the bf16 code: bit-identical to the launch without FP8 heads
+            assert torch.equal(o[:, h], plain[:, h]), h
+
+
+@cpu_only
+@pytest.mark.parametrize("B,H,T,N,D", [(1, 4, 5, 32, 32), (2, 4, 0, 61, 16), (1, 4, 9, 70, 64), (1, 4, 1, 1, 32)])
+def test_fp8_heads_interpreter(B, H, T, N, D):
+    windows = [FULL, max(N // 8, 0), N // 3, SKIP]
+    _check(B, H, T, N, D, windows, [1, 1, 0, 1], torch.float32, "cpu", seed=B * 7 + N, tol_emu=0.05, tol_exact=0.1)
+
+
+@cpu_only
+def test_fp8_rounding_matches_torch():
+    """The interpreter's e4m3 rounding (`_to_fp8`, arithmetic) equals torch's cast, across binade edges."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def k(X, Y, n: tl.constexpr):
+        o = tl.arange(0, n)
+        tl.store(Y + o, at._to_fp8(tl.load(X + o), True))
+
+    x = torch.cat([torch.randn(4096) * 30, torch.tensor([31.85, -31.49, 1.9889, 448.0, 0.0, 2.0 ** -8, 2.0 ** -10,
+                                                         0.0146, -239.9, 15.99])])
+    x = torch.cat([x, torch.zeros(8192 - x.numel())])
+    y = torch.empty_like(x)
+    k[(1,)](x, y, 8192)
+    assert torch.equal(y, x.to(E4M3).float())
+
+
+needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or _INTERP or
+                               torch.cuda.get_device_capability() < (8, 9), reason="needs an FP8 GPU (sm89+)")
+
+
+@gpu
+@needs_fp8
+@pytest.mark.parametrize("B,H,T,N,D", [(1, 24, 512, 4096, 128), (2, 6, 77, 1000, 128), (1, 38, 154, 4096, 64),
+                                       (1, 3, 1, 129, 128), (1, 4, 0, 333, 64), (1, 4, 2, 1, 128)])
+def test_gpu_fp8_heads(B, H, T, N, D):
+    windows = [(FULL, N // 16, N // 32, SKIP)[h % 4] for h in range(H)]
+    quant = [(1, 1, 0, 1, 1, 0)[h % 6] for h in range(H)]
+    _check(B, H, T, N, D, windows, quant, torch.bfloat16, "cuda", seed=N + H, tol_emu=0.03, tol_exact=0.08)
+
+
+@gpu
+@needs_fp8
+def test_gpu_fp8_without_flags_is_bf16():
+    q, k, v = _inputs(1, 4, 700, 128, torch.bfloat16, "cuda", 3)
+    hw = torch.tensor([FULL, 40, 20, FULL], dtype=torch.int32, device="cuda")
+    zero = torch.zeros(4, dtype=torch.int32, device="cuda")
+    assert torch.equal(at.arrow_attention_triton(q, k, v, hw, 50, head_quant=zero),
+                       at.arrow_attention_triton(q, k, v, hw, 50))

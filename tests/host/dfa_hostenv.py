@@ -69,10 +69,11 @@ def _set_base_directory(comfy_path: Path, base_directory: Path) -> None:
     comfy.cli_args.args.base_directory = str(base_directory)
 
 
-def import_host(base_directory: Path | None = None) -> str | None:
-    """Import ComfyUI in-process on CPU (once); returns None, or why the host cannot be used.
+def import_host(base_directory: Path | None = None, *, cpu: bool | None = None) -> str | None:
+    """Import ComfyUI in-process (once); returns None, or why the host cannot be used.
 
     base_directory: ComfyUI's base directory for this process (a temporary folder; see `_set_base_directory`).
+    cpu: True forces ``--cpu``; None (the host tests) uses CUDA where there is a GPU, else CPU.
     Called at test time, not at collection, so that test modules which configure Triton before importing it
     (TRITON_INTERPRET) are collected before ComfyUI (comfy-kitchen) imports Triton.
     """
@@ -83,7 +84,7 @@ def import_host(base_directory: Path | None = None) -> str | None:
         try:
             if base_directory is not None:
                 _set_base_directory(COMFY_PATH, base_directory)
-            compat.import_comfyui(COMFY_PATH)
+            compat.import_comfyui(COMFY_PATH, cpu=cpu)
             if base_directory is not None:
                 import folder_paths
 

@@ -267,7 +267,23 @@ def test_multigpu_cfg_split_composes(models, order):
     _check_mixed(mixed, ac_plan, H.ksample(mixed, "flux", cfg=3.5), ref)
 
 
-def test_multigpu_cfg_split_on_two_gpus():
-    pytest.skip("not verified: the split across devices (cond and uncond in threads, a model clone and DFA state "
-                "per GPU) needs 2 CUDA GPUs and a ComfyUI started without --cpu; the host tests run in-process on CPU, "
-                "where the node adds no clone (test_multigpu_cfg_split_composes)")
+@pytest.mark.gpu
+def test_multigpu_cfg_split_on_two_gpus(models):
+    """On 2 CUDA GPUs (ComfyUI in-process without --cpu): bench/check_multigpu.py's `run_check` on the tiny Flux.
+    Unpatched split, DFAApply all-full + split (either order; equal to the split alone), the arrow + cache plan with
+    and without the split; one engine per GPU, each cache hit served from its own GPU, the plan's cache counts."""
+    import importlib.util
+
+    import comfy.model_management
+
+    if torch.cuda.device_count() < 2 or comfy.model_management.get_torch_device().type != "cuda":
+        pytest.skip("not verified: the split across devices (cond and uncond in threads, a model clone and DFA state "
+                    "per GPU) needs 2 CUDA GPUs and a ComfyUI started without --cpu; the host tests run in-process on "
+                    "CPU, where the node adds no clone (test_multigpu_cfg_split_composes)")
+    _need_flux()
+    spec = importlib.util.spec_from_file_location("dfav2_check_multigpu", H.PACK_ROOT / "bench" / "check_multigpu.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    result = check.run_check(H, models["flux"])
+    failed = [f"{c['name']}: {c['detail']}" for c in result["checks"] if not c["ok"]]
+    assert not failed, "\n".join(failed)

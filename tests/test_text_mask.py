@@ -247,3 +247,27 @@ def test_dense_reason_of_masked_calls():
     region[:, :, -1] = 1.0
     r = dense_reason(spec, T, N, (q, q, q, 2), dict(skip_reshape=True, mask=region))
     assert r.kind == "mask" and "regional" in r
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled FlexAttention with the score_mod)")
+@pytest.mark.parametrize("backend", ["auto", "flex", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind,shape", [("float", "BLL"), ("float", "B11L"), ("bool", "B1LL"), ("float", "BHLL")])
+def test_engine_with_a_text_mask_on_cuda(backend, dtype, kind, shape):
+    b, h, t, n, d = 2, 4, 77, 300, 64
+    seq = t + n
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, h, seq, d, generator=g) for _ in range(3))
+    mask = _random_mask(kind, shape, b, h, t, seq, g)
+    decision = LayerDecision((FULL, arrow(2), CACHE, arrow(4)))
+    cached = CachedHeads((2,), torch.randn(b, 1, seq, d, generator=g))
+    want = masked_reference(q, k, v, t, decision, host_mask_4d(mask), cached)
+    dev = torch.device("cuda")
+    qc, kc, vc = (x.to(dev, dtype) for x in (q, k, v))
+    mc = mask.to(dev) if mask.dtype == torch.bool else mask.to(dev, dtype)
+    tm = text_only_mask(mc, b, h, seq, t)
+    assert isinstance(tm, TextMask)
+    cc = CachedHeads((2,), cached.values.to(dev, dtype))
+    out, _ = headwise_attention(qc, kc, vc, t, decision, cached=cc, backend=backend, mask=tm)
+    tol = 3e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.double().cpu(), want, rtol=tol, atol=tol)

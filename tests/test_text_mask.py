@@ -271,3 +271,19 @@ def test_engine_with_a_text_mask_on_cuda(backend, dtype, kind, shape):
     out, _ = headwise_attention(qc, kc, vc, t, decision, cached=cc, backend=backend, mask=tm)
     tol = 3e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(out.double().cpu(), want, rtol=tol, atol=tol)
+
+
+def test_mask_check_is_cached_per_forward_also_for_inference_tensors():
+    """ComfyUI samples under torch.inference_mode, whose tensors have no version counter: the per-forward cache
+    then keys on the tensor alone (one reduction per forward still)."""
+    run = _run(_mixed_plan())
+    with torch.inference_mode():
+        mask = redux_mask(1, T, N, 2, 4, -1.0)
+        fwd, _ = _forward(run, 0.5)
+        for _ in range(3):
+            assert isinstance(fwd.check_mask(mask, 1, 2, T + N, T), TextMask)
+        other = mask.clone()
+        assert isinstance(fwd.check_mask(other, 1, 2, T + N, T), TextMask)
+        fwd2, _ = _forward(run, 0.5)
+        fwd2.check_mask(mask, 1, 2, T + N, T)
+    assert run.mask_checks == 3

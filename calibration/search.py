@@ -130,12 +130,14 @@ class ProgressiveCalibrator:
         separately (e.g. cond and uncond of different text lengths): the first chunk of a position decides,
         later chunks follow it. `ctx.position` is informational (positions come from `begin_forward`). The
         previous output of the next layer is fetched early. `scale` must be None (the default softmax scale).
+        `ctx.mask` (a host mask on text key columns only) is applied to the dense reference and to every candidate,
+        so errors are measured with the mask the call carries.
         """
         if not self.sigmas:
             raise RuntimeError("begin_forward(sigma) must be called before attend()")
         if scale is not None:
             raise ValueError("the calibrator measures with the default softmax scale; got an explicit scale")
-        layer, txt_len, chunk, refs = ctx.layer, ctx.txt_len, ctx.cache_key, ctx.refs
+        layer, txt_len, chunk, refs, mask = ctx.layer, ctx.txt_len, ctx.cache_key, ctx.refs, ctx.mask
         if self.txt_len is None and not self.model.layers[layer].image_only:
             self.txt_len = txt_len
         pos = self.position
@@ -147,12 +149,12 @@ class ProgressiveCalibrator:
             dec = decisions[layer]
             cached = None if prev is None else CachedHeads(tuple(range(dec.heads)), prev)
             out, hit = headwise_attention(q, k, v, txt_len, dec, cached=cached, dense=dense, backend=self.backend,
-                                          tables=self.tables, refs=refs)
+                                          tables=self.tables, refs=refs, mask=mask)
         elif pos == 0:
             dec = decisions[layer] = LayerDecision.uniform(FULL, q.shape[1])
-            out, _ = headwise_attention(q, k, v, txt_len, dec, dense=dense, tables=self.tables, refs=refs)
+            out, _ = headwise_attention(q, k, v, txt_len, dec, dense=dense, tables=self.tables, refs=refs, mask=mask)
         else:
-            out, dec = self._search(pos, layer, txt_len, q, k, v, dense, prev, refs)
+            out, dec = self._search(pos, layer, txt_len, q, k, v, dense, prev, refs, mask)
             decisions[layer] = dec
         self.stats.record(call_cost(dec, txt_len, q.shape[2] - txt_len - sum(refs), hit, refs), q.shape[0], q.shape[3])
         self._prev.put(key, out)
@@ -160,11 +162,11 @@ class ProgressiveCalibrator:
             self._prev.prefetch((chunk, layer + 1))
         return out
 
-    def _search(self, pos, layer, txt_len, q, k, v, dense, prev, refs=()) -> tuple[torch.Tensor, LayerDecision]:
+    def _search(self, pos, layer, txt_len, q, k, v, dense, prev, refs=(), mask=None) -> tuple[torch.Tensor, LayerDecision]:
         heads = q.shape[1]
         n_img = q.shape[2] - txt_len - sum(refs)
         dense_out, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(FULL, heads), dense=dense,
-                                          tables=self.tables, refs=refs)
+                                          tables=self.tables, refs=refs, mask=mask)
         outs: list[torch.Tensor | None] = []
         rses = []
         for m in self.config.candidates:
@@ -172,7 +174,7 @@ class ProgressiveCalibrator:
                 y = prev if prev is not None and prev.shape == dense_out.shape else None
             else:
                 y, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(m, heads), backend=self.backend,
-                                          tables=self.tables, refs=refs)
+                                          tables=self.tables, refs=refs, mask=mask)
             outs.append(y)
             rses.append(head_rse(y, dense_out) if y is not None else torch.full((heads,), float("inf"), device=q.device))
         rse = torch.stack(rses, 1).cpu().numpy().astype(np.float64)  # one sync per layer: decisions live on the host

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .attention import arrow_attention, kernel_unsupported
 from .cost import kept_pairs
-from .masks import arrow_block_mask, arrow_keep
+from .masks import TextMask, arrow_block_mask, arrow_keep, host_mask_4d
 from .methods import FULL, WINDOW_FULL, WINDOW_SKIP, LayerDecision, MethodKind
 from .offload import OffloadStore
 
@@ -198,6 +198,15 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _sdpa_host_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+                    ) -> torch.Tensor:
+    """The default dense attention of a masked call: SDPA with a host mask as the host broadcasts it."""
+    mask = host_mask_4d(mask)
+    if mask.is_floating_point() and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 def _cache_usable(cached: CachedHeads | None, needed: tuple[int, ...], q: torch.Tensor) -> bool:
     if cached is None:
         return False
@@ -223,6 +232,7 @@ def headwise_attention(
     tables: KernelTables | None = None,
     full_by_dense: bool = False,
     refs: tuple[int, ...] = (),
+    mask: TextMask | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """Attention of one layer with per-head methods.
 
@@ -243,6 +253,10 @@ def headwise_attention(
         computes them (DFAApply's dense "host": full heads always run the host's attention).
     refs : token counts of the reference latents (Kontext / edit) after the image, in order; arrow heads band each
         pair of segments on in-segment offsets (masks.py).
+    mask : the host's attention mask when it touches only text key columns (`masks.text_only_mask`): full heads
+        get it through `dense` (called as ``dense(q, k, v, host_mask)``, the mask sliced to the heads only when it
+        varies per head), arrow heads add its text-column bias to their band (FlexAttention score_mod on CUDA,
+        a combined float mask on SDPA; the fused kernel takes no mask, so "triton" runs them on those).
 
     Returns
     -------
@@ -257,7 +271,10 @@ def headwise_attention(
     ref_len = sum(refs) if refs else 0
     if txt_len < 0 or txt_len + ref_len > seq or (refs and min(refs) < 0):
         raise ValueError(f"txt_len {txt_len} and references {refs} must be >= 0 and fit in {seq} tokens")
-    dense_fn: DenseFn = dense if dense is not None else functools.partial(_sdpa, scale=scale)
+    if mask is None:
+        dense_fn: DenseFn = dense if dense is not None else functools.partial(_sdpa, scale=scale)
+    else:
+        dense_fn = _MaskedDense(dense if dense is not None else functools.partial(_sdpa_host_mask, scale=scale), mask)
     if tables is None:
         tables = KernelTables()
 
@@ -275,6 +292,8 @@ def headwise_attention(
         # The fused kernel knows only text + image; calls with reference segments run the same mask on
         # FlexAttention (CUDA) or masked SDPA (elsewhere).
         chosen = "flex" if device.type == "cuda" else "sdpa"
+    if mask is not None and chosen == "triton":
+        chosen = _fallback_backend(d, q.dtype, device)  # the fused kernel takes no mask
     if chosen == "triton":
         why = kernel_unsupported(q, k, v, heads)
         if why is not None:  # e.g. head_dim 96, float64, no CUDA: FlexAttention on CUDA, masked SDPA elsewhere
@@ -284,11 +303,20 @@ def headwise_attention(
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         for factor, group in decision.arrow_groups:
             idx = tables.index(group, device)
-            mask = tables.band_mask(txt_len, seq, decision.methods[group[0]].window(n_img), device, refs)
-            out[:, idx] = _sdpa(q[:, idx], k[:, idx], v[:, idx], scale, mask)
+            keep = tables.band_mask(txt_len, seq, decision.methods[group[0]].window(n_img), device, refs)
+            if mask is not None:
+                keep = mask.combined(keep, idx, q.dtype)
+            out[:, idx] = _sdpa(q[:, idx], k[:, idx], v[:, idx], scale, keep)
     elif chosen == "flex":
-        block_mask = tables.block_mask(txt_len, seq, decision.windows(n_img), device, refs)
-        out = _flex_fn(device.type == "cuda")(q, k, v, block_mask=block_mask, scale=scale)
+        windows = decision.windows(n_img)
+        if mask is None:
+            block_mask = tables.block_mask(txt_len, seq, windows, device, refs)
+            out = _flex_fn(device.type == "cuda")(q, k, v, block_mask=block_mask, scale=scale)
+        else:  # full heads run `dense` with the host's mask below: no blocks for them here
+            windows = tuple(WINDOW_SKIP if w == WINDOW_FULL else w for w in windows)
+            block_mask = tables.block_mask(txt_len, seq, windows, device, refs)
+            out = _flex_fn(device.type == "cuda")(q, k, v, score_mod=mask.score_mod(), block_mask=block_mask,
+                                                  scale=scale)
     elif chosen == "triton":
         # One launch for full and arrow heads; the kernel leaves the skipped (cached) heads of `out` alone, so the
         # cached outputs are pasted first. With `full_by_dense` the full heads are skipped too and `dense` runs them.
@@ -307,9 +335,27 @@ def headwise_attention(
 
     if decision.full_heads:
         idx = tables.index(decision.full_heads, device)
-        out[:, idx] = dense_fn(q[:, idx], k[:, idx], v[:, idx])
+        if mask is None:
+            out[:, idx] = dense_fn(q[:, idx], k[:, idx], v[:, idx])
+        else:
+            out[:, idx] = dense_fn(q[:, idx], k[:, idx], v[:, idx], idx)  # type: ignore[call-arg]
     _paste_cached(out, decision, cached, tables, device)
     return out, hit
+
+
+class _MaskedDense:
+    """Dense attention of a masked call: `dense(q, k, v, host_mask)` with the host's mask (sliced to the heads
+    `index` only when it varies per head)."""
+
+    __slots__ = ("dense", "mask")
+
+    def __init__(self, dense: Callable[..., torch.Tensor], mask: TextMask) -> None:
+        self.dense = dense
+        self.mask = mask
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        return self.dense(q, k, v, self.mask.for_heads(index))
 
 
 def _paste_cached(out: torch.Tensor, decision: LayerDecision, cached: CachedHeads | None, tables: KernelTables,
@@ -348,8 +394,9 @@ class PlanLike(Protocol):
 
 
 class CallContext(NamedTuple):
-    """Where an attention call sits: plan layer index, plan position index, text length, cache key, and the
-    token counts of the reference latents after the image (Kontext / edit; () without).
+    """Where an attention call sits: plan layer index, plan position index, text length, cache key, the
+    token counts of the reference latents after the image (Kontext / edit; () without), and the host's attention
+    mask when it touches only text key columns (`masks.TextMask`; None without a mask).
     (A NamedTuple: built once per routed call, where a frozen dataclass's __init__ costs ~1 µs more.)"""
 
     layer: int
@@ -357,6 +404,7 @@ class CallContext(NamedTuple):
     txt_len: int
     cache_key: Hashable = None
     refs: tuple[int, ...] = ()
+    mask: TextMask | None = None
 
 
 @dataclass
@@ -551,7 +599,7 @@ class HeadwiseEngine:
             self.cache.prefetch((ctx.cache_key, ctx.layer + 1))
         out, hit = headwise_attention(
             q, k, v, ctx.txt_len, decision, cached=cached, dense=dense, backend=self.backend, scale=scale,
-            tables=self.tables, full_by_dense=self.full_by_dense, refs=ctx.refs,
+            tables=self.tables, full_by_dense=self.full_by_dense, refs=ctx.refs, mask=ctx.mask,
         )
         self.stats.record(e.hit_cost if hit else e.miss_cost, q.shape[0], q.shape[3])
         if e.keep_index is not None:

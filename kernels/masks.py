@@ -19,7 +19,7 @@ import torch
 
 from .methods import WINDOW_FULL, WINDOW_SKIP
 
-__all__ = ["MaskMod", "arrow_keep", "arrow_mask_mod", "arrow_block_tables", "arrow_block_mask", "segment_offsets"]
+__all__ = ["MaskMod", "TextMask", "host_mask_4d", "text_only_mask", "arrow_keep", "arrow_mask_mod", "arrow_block_tables", "arrow_block_mask", "segment_offsets"]
 
 #: FlexAttention's mask_mod signature: (batch, head, q_idx, kv_idx) -> bool tensor.
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -174,3 +174,104 @@ def arrow_block_mask(
         mask_mod=arrow_mask_mod(txt_len, widths, segment_offsets(txt_len, seq_len, refs, device) if refs else None),
         seq_lengths=(seq_len, seq_len),
     )
+
+
+# ------------------------------------------------------------------------------------------- host masks on text
+
+
+def host_mask_4d(mask: torch.Tensor) -> torch.Tensor:
+    """A host attention mask as the host's SDPA backend broadcasts it: [Lq, Lk] -> [1, 1, Lq, Lk], [B, Lq, Lk] ->
+    [B, 1, Lq, Lk] (ComfyUI's ``attention_pytorch``: a 3-D mask has a batch axis, not a head axis), 4-D unchanged."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0 if mask.dim() < 3 else 1)
+    return mask
+
+
+class TextMask:
+    """A host attention mask that touches only text key columns: after broadcasting to [B, H, Lq, Lk] every column
+    k >= T (image and reference tokens) is a no-op (float: exactly 0; bool: True = keep). Text columns may hold
+    anything (an additive bias such as Redux's ``attn_bias``, -inf / False padding).
+
+    mask: the host's tensor as passed (what the host's dense attention gets for full heads); view4: it as
+    [B', H', Lq', L] (each of B', H', Lq' is 1 or the call's size); bias: float [B', H', Lq', T], the additive
+    text-column bias (a bool mask's False as -inf)."""
+
+    __slots__ = ("mask", "view4", "bias", "txt_len")
+
+    def __init__(self, mask: torch.Tensor, view4: torch.Tensor, bias: torch.Tensor, txt_len: int) -> None:
+        self.mask = mask
+        self.view4 = view4
+        self.bias = bias
+        self.txt_len = txt_len
+
+    @property
+    def per_head(self) -> bool:
+        return self.view4.shape[1] > 1
+
+    def for_heads(self, index: torch.Tensor | None) -> torch.Tensor:
+        """The host mask for a subset of heads (`index`; None: all): the original tensor unless it varies per head."""
+        if index is None or not self.per_head:
+            return self.mask
+        return self.view4[:, index]
+
+    def bias_for(self, index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The text-column bias [B', h, Lq', T] of the heads `index` (None: all) in `dtype`."""
+        b = self.bias if index is None or not self.per_head else self.bias[:, index]
+        return b if b.dtype == dtype else b.to(dtype)
+
+    def combined(self, keep: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The float mask [B', h, L, L] of an arrow head: the text bias on text columns, 0 / -inf (the band `keep`
+        [L, L]) on the others. Text rows keep every column in an arrow band, so the host's no-op image columns
+        stay no-ops there."""
+        t = self.txt_len
+        seq = keep.shape[-1]
+        img = torch.zeros(seq, seq - t, dtype=dtype, device=keep.device).masked_fill_(~keep[:, t:], float("-inf"))
+        if t == 0:
+            return img
+        bias = self.bias_for(index, dtype)
+        lead = bias.shape[:2]
+        return torch.cat([bias.expand(*lead, seq, t), img.expand(*lead, seq, seq - t)], dim=-1)
+
+    def score_mod(self):
+        """FlexAttention score_mod adding the text-column bias (k < T); None without text columns."""
+        t = self.txt_len
+        if t == 0:
+            return None
+        bias = self.bias
+        sb, sh, sq = (int(n > 1) for n in bias.shape[:3])  # broadcast axes are indexed at 0
+        last = t - 1
+
+        def text_bias(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                      kv_idx: torch.Tensor) -> torch.Tensor:
+            val = bias[b * sb, h * sh, q_idx * sq, torch.clamp(kv_idx, max=last)]
+            return torch.where(kv_idx < t, score + val, score)
+
+        text_bias.__name__ = f"text_bias_txt{t}"
+        return text_bias
+
+
+def text_only_mask(mask: torch.Tensor, batch: int, heads: int, seq_len: int, txt_len: int) -> TextMask | str:
+    """Classify a host attention mask of a call with `batch` × `heads` queries of `seq_len` tokens, text first
+    (`txt_len`): a `TextMask` when every key column k >= txt_len is a no-op, else why not (a sentence). One device
+    reduction (a sync on CUDA): callers check a mask once per forward, not per layer."""
+    if not torch.is_tensor(mask):
+        return f"the mask is a {type(mask).__name__}, not a tensor"
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        return f"unsupported mask dtype {mask.dtype}"
+    if not 2 <= mask.dim() <= 4:
+        return f"unsupported mask shape {tuple(mask.shape)}"
+    m = host_mask_4d(mask)
+    b, h, lq, lk = m.shape
+    if lk != seq_len or lq not in (1, seq_len) or b not in (1, batch) or h not in (1, heads):
+        return f"mask shape {tuple(mask.shape)} does not broadcast to [{batch}, {heads}, {seq_len}, {seq_len}]"
+    rest = m[..., txt_len:]
+    if rest.numel():
+        touched = (~rest).any() if m.dtype == torch.bool else (rest != 0).any()
+        if bool(touched):
+            return "the mask covers image tokens (a regional mask)"
+    text = m[..., :txt_len]
+    if m.dtype == torch.bool:
+        bias = torch.zeros(text.shape, dtype=torch.float32, device=m.device).masked_fill_(~text, float("-inf"))
+    else:
+        bias = text.contiguous()
+    return TextMask(mask, m, bias, txt_len)

@@ -14,26 +14,33 @@ from typing import Any
 import torch
 
 from ..calibration.plan import LayerSpec
+from ..kernels.masks import TextMask, text_only_mask
 from .layouts import Layout, Reason
 
 __all__ = ["Call", "dense_call", "dense_reason", "describe_forward", "parse_call"]
 
 
 
+#: (mask, batch, heads, seq_len, txt_len) -> TextMask, or why the mask keeps the call dense (masks.text_only_mask)
+MaskCheck = Callable[[torch.Tensor, int, int, int, int], "TextMask | str"]
+
+
 class Call:
-    """A routable attention call: q, k, v as [B, H, L, D] views and how to give the output back."""
+    """A routable attention call: q, k, v as [B, H, L, D] views, how to give the output back, and the host's mask
+    when it touches only text key columns (`mask`, a `TextMask`; None without a mask)."""
 
-    __slots__ = ("q", "k", "v", "batch", "seq_len", "heads", "head_dim", "flat")
+    __slots__ = ("q", "k", "v", "batch", "seq_len", "heads", "head_dim", "flat", "mask")
 
 
-def parse_call(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs: dict, ref_len: int = 0) -> Call | Reason:
-    """[B, H, L, D] views of a routable call with L = text + image + reference tokens, or why it is not one."""
+def parse_call(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs: dict, ref_len: int = 0,
+               check_mask: MaskCheck | None = None) -> Call | Reason:
+    """[B, H, L, D] views of a routable call with L = text + image + reference tokens, or why it is not one.
+    A mask is routable when it touches only text key columns; `check_mask` classifies it (default
+    `masks.text_only_mask`, one device reduction; the router caches it per forward)."""
     if len(args) < 3 or len(args) > 4:
         return Reason("arguments", f"unexpected attention call with {len(args)} positional arguments")
     q, k, v = args[0], args[1], args[2]
     heads = args[3] if len(args) > 3 else kwargs.get("heads")
-    if kwargs.get("mask") is not None:
-        return Reason("mask", "an attention mask is present")
     if kwargs.get("enable_gqa"):
         return Reason("gqa", "grouped-query attention is not supported")
     if not isinstance(heads, int) or heads < 1:
@@ -61,9 +68,17 @@ def parse_call(spec: LayerSpec, txt_len: int, n_img: int, args: tuple, kwargs: d
     if seq_len != txt_len + n_img + ref_len:
         refs = f" + reference {ref_len}" if ref_len else ""
         return Reason("layout", f"layer {spec.name}: sequence length {seq_len} is not text {txt_len} + image grid {n_img}{refs}")
+    mask = kwargs.get("mask")
+    text_mask = None
+    if mask is not None:
+        checked = (check_mask or text_only_mask)(mask, batch, heads, seq_len, txt_len)
+        if not isinstance(checked, TextMask):
+            return Reason("mask", f"an attention mask is present and not text-only: {checked}")
+        text_mask = checked
     c = Call()
     c.q, c.k, c.v = q, k, v
     c.batch, c.seq_len, c.heads, c.head_dim, c.flat = batch, seq_len, heads, head_dim, flat
+    c.mask = text_mask
     return c
 
 
@@ -80,13 +95,12 @@ def describe_forward(layout: Layout, x: Any, context: Any, to: dict, extra: dict
                      ) -> tuple[Reason | None, int, int, tuple[int, ...], Hashable]:
     """What one model forward looks like to the plan: (why it must run dense or None, text tokens, image tokens,
     reference-latent token counts, cache key). `x` is the latent [B, C, H, W], `context` the text conditioning
-    [B, T, C], `to` the forward's transformer_options, `extra` its ``ref_latents`` / ``attention_mask``."""
+    [B, T, C], `to` the forward's transformer_options, `extra` its ``ref_latents`` (an ``attention_mask`` is
+    checked per call: a mask on text key columns only is routed, see `parse_call`)."""
     if not (torch.is_tensor(x) and x.dim() == 4):
         return Reason("latent is not [B, C, H, W]"), 0, 0, (), None
     if context is None or not torch.is_tensor(context) or context.dim() != 3:
         return Reason("no text conditioning tensor"), 0, 0, (), None
-    if extra.get("attention_mask") is not None:
-        return Reason("an attention mask is present"), 0, 0, (), None
     if not math.isfinite(sigma):
         return Reason("no sigma for this forward"), 0, 0, (), None
     reason = layout.forward_reason(to)

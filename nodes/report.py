@@ -52,6 +52,7 @@ def report_payload(summary: RunSummary, *, node: str | None, label: str, signatu
         "flops_saved": summary.flops_saved,
         "fallbacks": dict(summary.fallbacks),
         "dense_fallbacks": sum(summary.fallbacks.values()),
+        "text_mask_calls": summary.text_mask_calls,
     }
 
 

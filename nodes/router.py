@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..kernels.engine import AttentionConsumer, CallContext
+from ..kernels.masks import TextMask, text_only_mask
 from ..kernels.methods import MethodKind
 from .calls import Call, dense_call, describe_forward, parse_call
 from .layouts import Layout, Reason
@@ -61,7 +62,7 @@ class Forward:
     lean path: `bypass[layer]` says the plan keeps that layer exactly dense here, `bypassed` lists those calls."""
 
     __slots__ = ("run", "position", "txt_len", "n_img", "refs", "ref_len", "key", "next_layer", "reason", "batch",
-                 "consumer", "bypass", "bypassed", "calls_before")
+                 "consumer", "bypass", "bypassed", "calls_before", "masks")
 
     def __init__(self, run: Run, position: int | None, txt_len: int, n_img: int, key: Hashable,
                  reason: Reason | None, refs: tuple[int, ...] = ()) -> None:
@@ -81,6 +82,25 @@ class Forward:
         # The run's call counter at the start: end_forward compares the calls that reached the override with the
         # model's layers (shared by concurrent forwards, so it can only over-count).
         self.calls_before = run.attention_calls
+        self.masks: dict[tuple, tuple[torch.Tensor, TextMask | str]] | None = None
+
+    def check_mask(self, mask: torch.Tensor, batch: int, heads: int, seq_len: int, txt_len: int) -> TextMask | str:
+        """`masks.text_only_mask`, once per (mask tensor, version, geometry) in this forward: the host hands every
+        layer the same mask object, so a forward pays one small device reduction, not one per layer."""
+        try:
+            version = mask._version
+        except (AttributeError, RuntimeError):  # inference-mode tensors have no version counter
+            version = None
+        key = (id(mask), version, tuple(mask.shape), batch, heads, seq_len, txt_len)
+        seen = self.masks.get(key) if self.masks is not None else None
+        if seen is not None and seen[0] is mask:
+            return seen[1]
+        result = text_only_mask(mask, batch, heads, seq_len, txt_len)
+        if self.masks is None:
+            self.masks = {}
+        self.masks[key] = (mask, result)  # the reference keeps id(mask) from being reused within the forward
+        self.run.mask_checks += 1
+        return result
 
 
 # ----------------------------------------------------------------------------------------------------- run
@@ -121,6 +141,8 @@ class Run:
         self.consumers: dict[torch.device, AttentionConsumer] = {}
         self.forwards: list[ForwardRecord] = []
         self.attention_calls = 0
+        self.text_mask_calls = 0  # routed calls whose host mask touches only text key columns
+        self.mask_checks = 0  # masks classified (one device reduction each): once per mask and forward
         self.fallbacks: Counter[str] = Counter()
         self._warned: set[str] = set()
         self._lock = threading.Lock()
@@ -305,17 +327,18 @@ class Run:
             return _BYPASS
         spec = self.layers[layer]
         txt_len = 0 if spec.image_only else fwd.txt_len
-        call = parse_call(spec, txt_len, fwd.n_img, args, kwargs, fwd.ref_len)
-        ctx = CallContext(layer, fwd.position, txt_len, fwd.key, fwd.refs)
+        call = parse_call(spec, txt_len, fwd.n_img, args, kwargs, fwd.ref_len, fwd.check_mask)
         if isinstance(call, Reason):
             self.fallback(call)
             q = args[0] if args else None
             if torch.is_tensor(q):
                 forget = getattr(self.consumers.get(q.device), "forget", None)
                 if forget is not None:  # no older output of this layer may be reused later
-                    forget(ctx)
+                    forget(CallContext(layer, fwd.position, txt_len, fwd.key, fwd.refs))
             return None
-        return call, ctx, self.consumer(call.q.device)
+        if call.mask is not None:
+            self.text_mask_calls += 1
+        return call, CallContext(layer, fwd.position, txt_len, fwd.key, fwd.refs, call.mask), self.consumer(call.q.device)
 
     def _attend(self, routed: tuple[Call, CallContext, AttentionConsumer], func: Callable[..., Any],
                 kwargs: dict) -> torch.Tensor:
@@ -326,7 +349,7 @@ class Run:
             q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
         scale = kwargs.get("scale")
         fast = self.fast_dense
-        if fast is not None and q.device.type in self.fast_devices:
+        if fast is not None and call.mask is None and q.device.type in self.fast_devices:
             dense: Callable[..., torch.Tensor] = functools.partial(fast, scale=scale)
         else:
             dense = _DenseHeads(self, func, kwargs)
@@ -373,6 +396,7 @@ class Run:
             kept_flops=kept,
             dense_flops=dense,
             dense_by=describe_override(self.prev) if self.prev is not None else None,
+            text_mask_calls=self.text_mask_calls,
         )
         self.release()
         self.consumers.clear()
@@ -381,7 +405,9 @@ class Run:
 
 class _DenseHeads:
     """The host's dense attention on [B, h, L, D] head subsets (what the consumer calls for full heads). A small
-    object instead of a per-call closure; kwargs the host backend does not need are dropped once here."""
+    object instead of a per-call closure; kwargs the host backend does not need are dropped once here. In a call
+    with a text-only mask the consumer passes the host's mask for the heads (the call's own mask, sliced only
+    when it varies per head)."""
 
     __slots__ = ("run", "func", "kwargs")
 
@@ -393,8 +419,12 @@ class _DenseHeads:
         kw["skip_output_reshape"] = True
         self.kwargs = kw
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = self.run._dense(self.func, (q, k, v, q.shape[1]), self.kwargs)
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        kwargs = self.kwargs
+        if mask is not None and mask is not kwargs.get("mask"):
+            kwargs = {**kwargs, "mask": mask}
+        out = self.run._dense(self.func, (q, k, v, q.shape[1]), kwargs)
         if out.dim() == 3:  # a chained override that ignored skip_output_reshape
             out = out.unflatten(-1, (q.shape[1], q.shape[-1])).transpose(1, 2)
         return out

@@ -32,6 +32,7 @@ class RunSummary:
     kept_flops: int
     dense_flops: int
     dense_by: str | None = None  # the chained override that ran the full heads and dense calls (None: the host's)
+    text_mask_calls: int = 0  # calls run by the plan that carried a host mask on text key columns only (e.g. Redux)
 
     @property
     def flops_saved(self) -> float:
@@ -43,8 +44,9 @@ class RunSummary:
         fb = sum(self.fallbacks.values())
         reasons = f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.fallbacks.items()))})" if fb else ""
         dense_by = f"; full heads and dense calls ran {self.dense_by}" if self.dense_by else ""
+        masked = f" ({self.text_mask_calls} with a text-only mask, compressed)" if self.text_mask_calls else ""
         return (
-            f"DiTFastAttnV2: {len(self.forwards)} forwards, {self.attention_calls} attention calls; heads {share}; "
+            f"DiTFastAttnV2: {len(self.forwards)} forwards, {self.attention_calls} attention calls{masked}; heads {share}; "
             f"cache hits {self.cache_hits}, misses {self.cache_misses}; est. attention FLOPs saved "
             f"{100.0 * self.flops_saved:.1f}%; dense fallbacks {fb}{reasons}{dense_by}"
         )

@@ -57,7 +57,8 @@ def flux_qkv(seq=T + N, heads=2, dim=16, kv_seq=None):
 
 @pytest.mark.parametrize("args,kwargs,kind", [
     (flux_qkv(), dict(skip_reshape=True), None),
-    (flux_qkv(), dict(skip_reshape=True, mask=torch.zeros(21, 21)), "mask"),
+    (flux_qkv(), dict(skip_reshape=True, mask=torch.full((21, 21), -1.0)), "mask"),  # image columns: regional
+    (flux_qkv(), dict(skip_reshape=True, mask=torch.zeros(21, 21)), None),  # text-only (here: no-op) masks route
     (flux_qkv(kv_seq=30), dict(skip_reshape=True), "Lq != Lk"),
     (flux_qkv(dim=8), dict(skip_reshape=True), "head mismatch"),
     (flux_qkv(seq=30), dict(skip_reshape=True), "layout"),
@@ -150,7 +151,7 @@ def test_fallbacks_are_exact_counted_and_warned_once(caplog):
     _, to = _forward(run)
     opts = {**to, "block_type": "double", "block_index": 0}
     cases = {
-        "mask": (flux_qkv(), dict(mask=torch.zeros(21, 21)), opts),
+        "mask": (flux_qkv(), dict(mask=torch.full((21, 21), -1.0)), opts),  # regional: image columns masked
         "Lq != Lk": (flux_qkv(kv_seq=30), {}, opts),
         "unknown layer": (flux_qkv(), {}, {**opts, "block_index": 7}),
         "no block identity": (flux_qkv(), {}, to),

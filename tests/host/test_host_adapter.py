@@ -154,7 +154,7 @@ def _call_override(to, func, *args, **kwargs):
 
 
 def test_override_fallbacks_are_exact_and_warned_once(models, caplog):
-    """Calls the plan does not describe run the host's backend unchanged: mask, Lq != Lk, head or layout mismatch,
+    """Calls the plan does not describe run the host's backend unchanged: a regional mask, Lq != Lk, head or layout mismatch,
     unknown layer; one warning per kind per run; no exception ever leaves the override."""
     _need("flux")
     import comfy.ldm.modules.attention as attention
@@ -175,7 +175,7 @@ def test_override_fallbacks_are_exact_and_warned_once(models, caplog):
         return q, k, torch.randn_like(k)
 
     cases = {
-        "mask": (qkv(), dict(mask=torch.zeros(288, 288)), to),
+        "mask": (qkv(), dict(mask=torch.full((288, 288), -1.0)), to),  # regional (image columns); text-only masks route
         "Lq != Lk": (qkv(kv_seq=300), {}, to),
         "head mismatch": (qkv(heads=2, dim=64), {}, to),
         "layout": (qkv(seq=300), {}, to),

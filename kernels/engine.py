@@ -40,6 +40,7 @@ __all__ = [
     "HeadwiseEngine",
     "headwise_attention",
     "available_backends",
+    "fp8_blocked",
 ]
 
 log = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ def headwise_attention(
         hit = False
         decision = LayerDecision(tuple(FULL if m.kind is MethodKind.CACHE else m for m in decision.methods))
     if decision.fp8_heads:
-        fp8_why = _fp8_blocked(q, k, v, backend, refs)
+        fp8_why = fp8_blocked(q, k, v, backend, refs)
         if fp8_why is not None:  # FP8 heads run their base method in q's dtype (an all-FP8-full layer: dense)
             decision = decision.unquantized
             _warn_once(f"{fp8_why}; FP8 heads run in {_DTYPE_NAMES.get(q.dtype, str(q.dtype).removeprefix('torch.'))}")
@@ -340,9 +341,10 @@ def _warn_once(message: str) -> None:
         log.warning("DiTFastAttnV2: %s (warned once)", message)
 
 
-def _fp8_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: ArrowBackend,
-                 refs: tuple[int, ...]) -> str | None:
-    """Why the FP8 heads of this call cannot run in FP8 (None: the Triton kernel runs them in FP8)."""
+def fp8_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: ArrowBackend = "auto",
+                refs: tuple[int, ...] = ()) -> str | None:
+    """Why `headwise_attention` would run the FP8 heads of this call in q's dtype (None: the Triton kernel runs
+    them in FP8): another backend, reference latents, a call the kernel cannot take, no FP8 tensor cores."""
     chosen = _resolve_backend(backend, q.device)
     if chosen != "triton":
         return "no FP8 tensor cores here" if q.device.type != "cuda" else f"the {chosen} backend has no FP8 path"

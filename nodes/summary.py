@@ -32,6 +32,7 @@ class RunSummary:
     kept_flops: int
     dense_flops: int
     dense_by: str | None = None  # the chained override that ran the full heads and dense calls (None: the host's)
+    fp8_heads: int = 0  # head-calls the plan computes in FP8 (counted in `heads` too; bf16 where FP8 cannot run)
 
     @property
     def flops_saved(self) -> float:
@@ -43,6 +44,8 @@ class RunSummary:
         fb = sum(self.fallbacks.values())
         reasons = f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.fallbacks.items()))})" if fb else ""
         dense_by = f"; full heads and dense calls ran {self.dense_by}" if self.dense_by else ""
+        if self.fp8_heads:
+            share = f"{share} (FP8 {100.0 * self.fp8_heads / total:.0f}%)"
         return (
             f"DiTFastAttnV2: {len(self.forwards)} forwards, {self.attention_calls} attention calls; heads {share}; "
             f"cache hits {self.cache_hits}, misses {self.cache_misses}; est. attention FLOPs saved "

@@ -306,7 +306,8 @@ def test_node_schema_and_execute_with_clip_and_prompt_list(models, plans_dir):
     assert (inputs["sampler_name"].default, inputs["scheduler"].default) == ("euler", "simple")
     assert (inputs["width"].default, inputs["height"].default, inputs["steps"].default) == (1024, 1024, 28)
     assert inputs["overwrite"].default is False and inputs["plan_name"].default == "my_plan"
-    assert {k for k, i in inputs.items() if i.optional} == {"clip", "positive", "negative"}
+    assert {k for k, i in inputs.items() if i.optional} == {"clip", "positive", "negative", "fp8"}
+    assert inputs["fp8"].options == ["off", "on", "auto"] and inputs["fp8"].default == "off"  # API workflows: unchanged
     assert DFACalibrate in asyncio.run(DFAExtension().get_node_list())
 
     out = DFACalibrate.execute(

@@ -263,11 +263,14 @@ def test_op_runs_fp8_heads_in_bf16_on_cpu_with_one_warning(monkeypatch, caplog):
     assert torch.equal(got, plain) and torch.equal(via_op, plain)
     said = [r.getMessage() for r in caplog.records if "FP8" in r.getMessage()]
     assert len(said) == 1 and "no FP8 tensor cores here" in said[0] and "bf16" in said[0], said
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=api.__name__):  # an all-zero table is no FP8 head: nothing to say
+    if not api._interpreting():
+        # the reference reads the tables on the host: an all-zero table is no FP8 head, nothing to say (the kernel's
+        # path, e.g. under TRITON_INTERPRET, never reads it and says it once for any table)
+        caplog.clear()
         monkeypatch.setattr(api, "_warned", set())
-        arrow_attention(q, k, v, table, t, head_quant=torch.zeros(h, dtype=torch.int32))
-    assert not [r for r in caplog.records if "FP8" in r.getMessage()]
+        with caplog.at_level(logging.WARNING, logger=api.__name__):
+            arrow_attention(q, k, v, table, t, head_quant=torch.zeros(h, dtype=torch.int32))
+        assert not [r for r in caplog.records if "FP8" in r.getMessage()]
 
 
 @pytest.mark.parametrize("case", ["fp8", "old_gpu", "kernel_without_fp8"])

@@ -179,8 +179,10 @@ def _kernel_takes_quant() -> bool:
     return "head_quant" in inspect.signature(arrow_attention_triton).parameters
 
 
+@functools.lru_cache(maxsize=64)
 def _fp8_reason(device: torch.device) -> Optional[str]:
-    """Why the kernel cannot compute FP8 heads on `device` (None: it can), given that it runs the call."""
+    """Why the kernel cannot compute FP8 heads on `device` (None: it can), given that it runs the call. Cached per
+    device: the hot path of every call with a quant table."""
     if not fp8_supported(device):
         return "no FP8 tensor cores here"
     if not _kernel_takes_quant():

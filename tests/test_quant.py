@@ -291,6 +291,7 @@ def test_op_hands_head_quant_to_the_kernel_only_where_fp8_runs(monkeypatch, capl
 
     monkeypatch.setattr(at, "arrow_attention_triton", fake)
     api._kernel_takes_quant.cache_clear()
+    api._fp8_reason.cache_clear()
     monkeypatch.setattr(api, "_warned", set())
     monkeypatch.setattr(api, "fp8_supported", lambda device: case != "old_gpu")
     q, k, v = realistic(1, 3, 20, 16, torch.bfloat16, seed=2)
@@ -303,6 +304,7 @@ def test_op_hands_head_quant_to_the_kernel_only_where_fp8_runs(monkeypatch, capl
             api._execute(q, k, v, table, 3, "bhld", None, torch.empty_like(q), True, None, None)
     finally:
         api._kernel_takes_quant.cache_clear()
+        api._fp8_reason.cache_clear()
     said = [r.getMessage() for r in caplog.records if "FP8" in r.getMessage()]
     if case == "fp8":
         assert seen == [[1, 0, 1], [1, 0, 1], None] and not said

@@ -10,11 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..kernels.cost import Geometry, head_cost, image_tokens, kernel_tile
+from ..kernels.cost import FP8_COST_FACTOR, Geometry, head_cost, image_tokens, kernel_tile
 from ..kernels.methods import FULL
 from .plan import Plan, PlanError, load_plan
 
-__all__ = ["main", "summarize", "flops_kept"]
+__all__ = ["main", "summarize", "flops_kept", "time_kept", "plan_fp8_factor"]
 
 _DEFAULT_TXT = {"flux": 256, "flux2": 512, "sd3": 154}
 #: Pixels per latent cell and latent cells per patch side, per family (what `image_tokens` needs).
@@ -34,6 +34,26 @@ def flops_kept(plan: Plan, *, width: int, height: int, txt_len: int, tile: int |
     layer's head_dim (`kernels.cost.kernel_tile`, what the search optimised). 1.0 = all full; the tiled share
     bounds the attention-time gain. `n_img`: the image tokens where the caller knows the model's latent format
     (the host side); else from the plan's family."""
+    return _kept_shares(plan, width, height, txt_len, tile, n_img, 1.0)  # an FP8 pair is a FLOP pair like any other
+
+
+def plan_fp8_factor(plan: Plan) -> float:
+    """The FP8 cost factor a plan was calibrated with (its record), else today's `FP8_COST_FACTOR`."""
+    cal = plan.calibration
+    return cal.fp8_cost_factor if cal is not None and cal.fp8_cost_factor is not None else FP8_COST_FACTOR
+
+
+def time_kept(plan: Plan, *, width: int, height: int, txt_len: int, tile: int | None = None, n_img: int | None = None,
+              fp8_factor: float | None = None) -> float:
+    """Share of the dense attention time a plan keeps by the cost model, tile-granular (`flops_kept`'s tiled share
+    with each FP8 pair weighed by `fp8_factor`, default `plan_fp8_factor`): what the search minimised, and the
+    bound on the attention speed-up. Equals the tiled FLOP share for plans without FP8 heads."""
+    factor = plan_fp8_factor(plan) if fp8_factor is None else fp8_factor
+    return _kept_shares(plan, width, height, txt_len, tile, n_img, factor)[1]
+
+
+def _kept_shares(plan: Plan, width: int, height: int, txt_len: int, tile: int | None, n_img: int | None,
+                 fp8_factor: float) -> tuple[float, float]:
     if n_img is None:
         n_img = plan_image_tokens(plan, width, height)
     kept = [0, 0]
@@ -45,7 +65,7 @@ def flops_kept(plan: Plan, *, width: int, height: int, txt_len: int, tile: int |
         for i, t in enumerate((None, tile or kernel_tile(spec.head_dim))):
             full = head_cost(geo, FULL, t)
             for method, n in counts.items():
-                kept[i] += head_cost(geo, method, t) * n * scale
+                kept[i] += head_cost(geo, method, t, fp8_factor=fp8_factor) * n * scale
                 dense[i] += full * n * scale
     return kept[0] / dense[0], kept[1] / dense[1]
 
@@ -83,10 +103,18 @@ def summarize(plan: Plan, *, width: int | None = None, height: int | None = None
     order = sorted(counts, key=lambda n: (n != "full", n != "cache", n))
     lines.append("methods: " + ", ".join(f"{n} {100 * counts[n] / total:.1f}%" for n in order))
     exact, tiled = flops_kept(plan, width=width, height=height, txt_len=txt_len, tile=tile)
+    cost = time_kept(plan, width=width, height=height, txt_len=txt_len, tile=tile)
     lines.append(
         f"attention FLOPs kept at {width}x{height} (text {txt_len} tokens): {100 * exact:.1f}% token-exact, "
-        f"{100 * tiled:.1f}% at {tile_label(plan, tile)} (attention-time bound {1 / max(tiled, 1e-9):.2f}x)"
+        f"{100 * tiled:.1f}% at {tile_label(plan, tile)} (attention-time bound {1 / max(cost, 1e-9):.2f}x)"
     )
+    fp8 = sum(n for name, n in counts.items() if name.endswith("+fp8"))
+    if fp8:
+        lines.append(
+            f"FP8 heads: {100 * fp8 / total:.1f}% of all heads; the time bound weighs an FP8 score pair as "
+            f"{plan_fp8_factor(plan):g} of a bf16 pair (cost model); they run in FP8 only on GPUs with FP8 tensor "
+            "cores (compute capability 8.9+), in bf16 elsewhere"
+        )
     return "\n".join(lines)
 
 

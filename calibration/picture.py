@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..kernels.methods import HeadMethod, MethodKind
-from .cli import flops_kept, tile_label
+from .cli import flops_kept, tile_label, time_kept
 from .plan import Plan
 
 __all__ = ["PlanPicture", "method_colours", "draw_plan", "save_plan_picture"]
@@ -23,11 +23,18 @@ RGB = tuple[int, int, int]
 
 # Fixed colours for the methods DFACalibrate offers, so two plans compare at a glance: full is neutral grey,
 # arrows are blues that darken as the band narrows (more saved), cache is orange (colour-blind safe against blue).
+# FP8 variants sit next to their method: full+fp8 a darker grey, arrow/f+fp8 the purples (ColorBrewer "Purples",
+# the hue next to blue) that darken with the band like the blues. Cells can be one pixel wide (Flux-dev), so FP8 is
+# a colour, not a hatch.
 _FIXED: dict[str, RGB] = {
     "full": (212, 212, 212),
+    "full+fp8": (140, 140, 140),
     "arrow/8": (158, 202, 225),
     "arrow/16": (66, 146, 198),
     "arrow/32": (8, 48, 107),
+    "arrow/8+fp8": (188, 189, 220),
+    "arrow/16+fp8": (128, 125, 186),
+    "arrow/32+fp8": (84, 39, 143),
     "cache": (242, 142, 43),
 }
 # Any other method of the vocabulary (another arrow factor, a future kind) takes the next of these, in legend order.
@@ -41,14 +48,16 @@ _MUTED: RGB = (90, 90, 90)
 
 
 def _legend_order(methods: Sequence[HeadMethod]) -> list[HeadMethod]:
-    # full first, then arrows from widest to narrowest band, then cache: the order of increasing saving
+    # full first, then arrows from widest to narrowest band, then cache: the order of increasing saving; each FP8
+    # variant right after its method
     rank = {MethodKind.FULL: 0, MethodKind.ARROW: 1, MethodKind.CACHE: 2}
-    return sorted(set(methods), key=lambda m: (rank[m.kind], m.factor))
+    return sorted(set(methods), key=lambda m: (rank[m.kind], m.factor, m.fp8))
 
 
 def method_colours(methods: Sequence[HeadMethod]) -> dict[HeadMethod, RGB]:
-    """A distinct RGB colour per method, in legend order (full, arrows by factor, cache): the fixed colour of a
-    known method name, else the next unused spare (then evenly spaced hues) for anything else."""
+    """A distinct RGB colour per method, in legend order (full, arrows by factor, cache; each FP8 variant after its
+    method): the fixed colour of a known method name, else the next unused spare (then evenly spaced hues) for
+    anything else."""
     order = _legend_order(methods)
     out: dict[HeadMethod, RGB] = {m: _FIXED[m.name] for m in order if m.name in _FIXED}
     used = set(out.values())
@@ -154,6 +163,7 @@ def draw_plan(
     if txt_len is None:
         txt_len = cal.txt_len if cal else {"flux": 256, "flux2": 512}.get(plan.model.family, 154)
     exact, tiled = flops_kept(plan, width=width, height=height, txt_len=txt_len)
+    cost = time_kept(plan, width=width, height=height, txt_len=txt_len)  # FP8 pairs weighed: the time bound
 
     layers = plan.model.layers
     all_methods = [m for counts in plan.layer_method_counts() for m in counts]
@@ -221,7 +231,7 @@ def draw_plan(
     header = [(line, f_title, _INK) for line in _wrap(probe, title, f_title, text_w)]
     header += [(line, f_text, _MUTED) for line in _wrap(probe, record, f_text, text_w)]
     flops = (f"attention FLOPs kept at {width}x{height} (text {txt_len} tokens): {100 * exact:.1f}% token-exact, "
-             f"{100 * tiled:.1f}% at {tile_label(plan)} (attention-time bound {1 / max(tiled, 1e-9):.2f}x)")
+             f"{100 * tiled:.1f}% at {tile_label(plan)} (attention-time bound {1 / max(cost, 1e-9):.2f}x)")
     header += [(line, f_text, _INK) for line in _wrap(probe, flops, f_text, text_w)]
 
     # legend entries, wrapped into rows

@@ -59,7 +59,12 @@ _MAX_POSITIONS = 10_000
 _MAX_STR = 256
 _MAX_INT = 1 << 31
 # Codes used when writing a plan; a file may use any single printable character listed in its legend.
-_PREFERRED_CODES = {"full": "F", "cache": "C", "arrow/8": "a", "arrow/16": "b", "arrow/32": "c"}
+# FP8 variants: capitals next to their plain codes where free (arrow/8+fp8 "A", /16 "B"; "C" is cache, so /32 "E"),
+# "Q" (quantized) for full+fp8.
+_PREFERRED_CODES = {
+    "full": "F", "cache": "C", "arrow/8": "a", "arrow/16": "b", "arrow/32": "c",
+    "full+fp8": "Q", "arrow/8+fp8": "A", "arrow/16+fp8": "B", "arrow/32+fp8": "E",
+}
 _SPARE_CODES = "defghijklmnopqrstuvwxyzDEGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
@@ -148,6 +153,9 @@ class CalibrationRecord:
     #: Fingerprint of the calibration conditioning (prompt encodings; the negative too when cfg != 1); None: not
     #: recorded. Lets DFACalibrate recognise a re-run with the same prompts.
     conditioning: str | None = None
+    #: The cost of an FP8 score pair relative to a bf16 pair that the search weighed FP8 candidates with
+    #: (`kernels.cost.FP8_COST_FACTOR` at the time); None: no FP8 candidates.
+    fp8_cost_factor: float | None = None
 
     def settings(self) -> dict[str, Any]:
         """The fields that define "the same calibration" (`SETTINGS_FIELDS`), by name."""
@@ -163,8 +171,9 @@ class CalibrationRecord:
 #: is provenance.
 SETTINGS_FIELDS: tuple[str, ...] = (
     "delta", "candidates", "prompts", "steps", "sampler", "scheduler", "cfg", "guidance", "width", "height", "seed",
-    "weights", "conditioning",
+    "weights", "conditioning", "fp8_cost_factor",
 )
+_OPTIONAL_RECORD_FIELDS = ("weights", "conditioning", "fp8_cost_factor")  # written only when recorded
 
 
 def _show_setting(value: Any) -> str:
@@ -413,7 +422,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         },
         "calibration": None if plan.calibration is None else {
             k: v for k, v in {**asdict(plan.calibration), "candidates": list(plan.calibration.candidates)}.items()
-            if not (k in ("weights", "conditioning") and v is None)  # optional fields: written only when recorded
+            if not (k in _OPTIONAL_RECORD_FIELDS and v is None)
         },
         "legend": legend,
         "positions": [
@@ -592,7 +601,9 @@ def _method(name: Any, path: str) -> HeadMethod:
     try:
         return HeadMethod.parse(_str(name, path))
     except ValueError as exc:
-        raise PlanError(f"{path}: {exc}") from None
+        # A name this pack cannot read is most likely a method added after it (full+fp8 was one): say so.
+        raise PlanError(f"{path}: {exc}. If the plan was written by a newer version of DiTFastAttnV2, update this "
+                        "pack to use it") from None
 
 
 def plan_from_dict(raw: Any) -> Plan:
@@ -673,7 +684,7 @@ def _calibration(c: Any) -> CalibrationRecord:
         "delta", "candidates", "prompts", "steps", "sampler", "scheduler", "cfg", "guidance", "width", "height",
         "txt_len", "seed", "host_version", "pack_version", "date", "wall_time_s",
     }
-    c = _obj(c, p, fields, {"weights", "conditioning"})
+    c = _obj(c, p, fields, set(_OPTIONAL_RECORD_FIELDS))
     candidates = tuple(_method(n, f"{p}.candidates[{i}]").name for i, n in enumerate(_list(c["candidates"], p + ".candidates", 64)))
     return CalibrationRecord(
         delta=_num(c["delta"], p + ".delta", 0.0, 1e6),
@@ -694,5 +705,7 @@ def _calibration(c: Any) -> CalibrationRecord:
         wall_time_s=_num(c["wall_time_s"], p + ".wall_time_s", 0.0, 1e9),
         weights=None if c.get("weights") is None else _str(c["weights"], p + ".weights", 128),
         conditioning=None if c.get("conditioning") is None else _str(c["conditioning"], p + ".conditioning", 128),
+        fp8_cost_factor=None if c.get("fp8_cost_factor") is None else _num(
+            c["fp8_cost_factor"], p + ".fp8_cost_factor", 1e-3, 1e3),
     )
 

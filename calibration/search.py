@@ -7,6 +7,11 @@ layer: the dense output, each arrow candidate's output and the cache candidate (
 an exact knapsack maximises the tile-granular attention cost saved within the budget δ; and the
 compressed output is returned, so later layers and steps calibrate on inputs that already carry the
 upstream compression. Previous outputs wait in pinned CPU memory, not on the GPU.
+
+FP8 candidates (`with_fp8`: full+fp8, arrow/f+fp8) are measured the same way, against the dense output of the
+head: through the FP8 kernel where it runs (`fp8_blocked` is None), else with the exact emulation
+`kernels.quant.fp8_attention_reference`, so a calibration on CPU or an older GPU still measures (and feeds forward)
+the FP8 error; their cost is the kept pairs times `SearchConfig.fp8_cost_factor`.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Literal
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
-from ..kernels.cost import Geometry, head_cost, kernel_tile
+from ..kernels.cost import FP8_COST_FACTOR, Geometry, head_cost, kernel_tile
 from ..kernels.engine import (
     ArrowBackend,
     CachedHeads,
@@ -27,15 +35,17 @@ from ..kernels.engine import (
     EngineStats,
     KernelTables,
     call_cost,
+    fp8_blocked,
     headwise_attention,
 )
-from ..kernels.methods import CACHE, FULL, HeadMethod, LayerDecision, MethodKind, arrow
+from ..kernels.methods import CACHE, FULL, FULL_FP8, HeadMethod, LayerDecision, MethodKind, arrow
 from ..kernels.offload import OffloadStore
+from ..kernels.quant import fp8_attention_reference
 from .knapsack import HEAD_CAP_FACTOR, solve_layer, solve_layer_uniform
 from .metric import head_rse
 from .plan import CalibrationRecord, ModelSignature, Plan, PlanPosition
 
-__all__ = ["DEFAULT_CANDIDATES", "DEFAULT_DELTA", "SearchConfig", "ProgressiveCalibrator"]
+__all__ = ["DEFAULT_CANDIDATES", "DEFAULT_DELTA", "SearchConfig", "ProgressiveCalibrator", "with_fp8"]
 
 #: The recommended error budget, from the fidelity study on the trained reference models (README): the largest
 #: delta whose compressed images stay above ~27 dB PSNR / 0.95 SSIM on both; 0.4 drifted visibly there.
@@ -44,9 +54,20 @@ DEFAULT_DELTA = 0.1
 DEFAULT_CANDIDATES: tuple[HeadMethod, ...] = (CACHE, arrow(8), arrow(16), arrow(32))
 
 
+def with_fp8(candidates: Sequence[HeadMethod]) -> tuple[HeadMethod, ...]:
+    """`candidates` plus the FP8 variants a head may take: full+fp8 and arrow/f+fp8 for each arrow candidate (cache
+    has none), after the given ones, without repeats."""
+    out = list(dict.fromkeys(candidates))
+    for m in (FULL_FP8, *(c.base.with_fp8() for c in candidates if c.kind is MethodKind.ARROW)):
+        if m not in out:
+            out.append(m)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class SearchConfig:
-    """delta: per-layer, per-step error budget (sum of head RSEs); candidates: compressing methods."""
+    """delta: per-layer, per-step error budget (sum of head RSEs); candidates: compressing methods (FP8 variants
+    included: `with_fp8`); fp8_cost_factor: time of an FP8 score pair relative to a bf16 pair in the cost model."""
 
     delta: float
     candidates: tuple[HeadMethod, ...] = DEFAULT_CANDIDATES
@@ -54,12 +75,16 @@ class SearchConfig:
     tile: int | None = None  # cost-model tile; None: the kernel's tile for the layer's head_dim (kernels.cost.kernel_tile)
     offload: bool = True
     granularity: Literal["head", "layer"] = "head"  # "layer": all heads of a layer share one method (v1, a baseline)
+    fp8_cost_factor: float = FP8_COST_FACTOR
 
     def __post_init__(self) -> None:
         if not (isinstance(self.delta, (int, float)) and 0 <= self.delta < float("inf")):
             raise ValueError(f"delta must be a finite number >= 0, got {self.delta!r}")
-        if any(m.kind is MethodKind.FULL for m in self.candidates):
-            raise ValueError("'full' is implicit; list only compressing candidates")
+        if FULL in self.candidates:
+            raise ValueError("'full' is implicit; list only compressing candidates (full+fp8 is one)")
+        if not (isinstance(self.fp8_cost_factor, (int, float)) and math.isfinite(self.fp8_cost_factor)
+                and self.fp8_cost_factor > 0):
+            raise ValueError(f"fp8_cost_factor must be a finite number > 0, got {self.fp8_cost_factor!r}")
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError("candidates must be distinct")
         if self.granularity not in ("head", "layer"):
@@ -109,7 +134,9 @@ class ProgressiveCalibrator:
             geo = Geometry(txt_len, n_img, spec.heads, spec.head_dim, refs=refs)
             tile = self.config.tile or kernel_tile(spec.head_dim)
             full = head_cost(geo, FULL, tile)
-            s = np.array([full - head_cost(geo, m, tile) for m in self.config.candidates], dtype=np.int64)
+            f8 = self.config.fp8_cost_factor  # an FP8 factor >= 1 makes full+fp8 save nothing: never chosen
+            s = np.array([max(0, full - head_cost(geo, m, tile, fp8_factor=f8)) for m in self.config.candidates],
+                         dtype=np.int64)
             self._saving_cache[key] = s
         return s
 
@@ -148,8 +175,7 @@ class ProgressiveCalibrator:
         if layer in decisions:
             dec = decisions[layer]
             cached = None if prev is None else CachedHeads(tuple(range(dec.heads)), prev)
-            out, hit = headwise_attention(q, k, v, txt_len, dec, cached=cached, dense=dense, backend=self.backend,
-                                          tables=self.tables, refs=refs, mask=mask)
+            out, hit = self._run(q, k, v, txt_len, dec, refs, cached=cached, dense=dense, mask=mask)
         elif pos == 0:
             dec = decisions[layer] = LayerDecision.uniform(FULL, q.shape[1])
             out, _ = headwise_attention(q, k, v, txt_len, dec, dense=dense, tables=self.tables, refs=refs, mask=mask)
@@ -173,8 +199,7 @@ class ProgressiveCalibrator:
             if m.kind is MethodKind.CACHE:
                 y = prev if prev is not None and prev.shape == dense_out.shape else None
             else:
-                y, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(m, heads), backend=self.backend,
-                                          tables=self.tables, refs=refs, mask=mask)
+                y, _ = self._run(q, k, v, txt_len, LayerDecision.uniform(m, heads), refs, mask=mask)
             outs.append(y)
             rses.append(head_rse(y, dense_out) if y is not None else torch.full((heads,), float("inf"), device=q.device))
         rse = torch.stack(rses, 1).cpu().numpy().astype(np.float64)  # one sync per layer: decisions live on the host
@@ -192,6 +217,27 @@ class ProgressiveCalibrator:
                 idx = torch.as_tensor(chosen, device=q.device)
                 out[:, idx] = y[:, idx]
         return out, LayerDecision(methods)
+
+    def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, txt_len: int, dec: LayerDecision,
+             refs: tuple[int, ...], cached: CachedHeads | None = None,
+             dense: DenseFn | None = None, mask=None) -> tuple[torch.Tensor, bool]:
+        """`headwise_attention` of `dec`, except that where FP8 cannot run its FP8 heads are emulated exactly
+        (`fp8_attention_reference`) instead of running in bf16: the search measures FP8's error on any machine.
+        Calls with a text-only mask run FP8 heads in bf16 when applied (the fused kernel takes no mask), so they are
+        measured that way here too."""
+        if not dec.fp8_heads or mask is not None or fp8_blocked(q, k, v, self.backend, refs) is None:
+            return headwise_attention(q, k, v, txt_len, dec, cached=cached, dense=dense, backend=self.backend,
+                                      tables=self.tables, refs=refs, mask=mask)
+        if len(dec.fp8_heads) == dec.heads:  # a uniform FP8 candidate: nothing else to compute
+            out, hit = torch.empty_like(q), True
+        else:
+            out, hit = headwise_attention(q, k, v, txt_len, dec.unquantized, cached=cached, dense=dense,
+                                          backend=self.backend, tables=self.tables, refs=refs)
+        n_img = q.shape[2] - txt_len - sum(refs)
+        for m, heads in dec.fp8_groups:
+            idx = self.tables.index(heads, q.device)
+            out[:, idx] = fp8_attention_reference(q[:, idx], k[:, idx], v[:, idx], m.window(n_img), txt_len, refs=refs)
+        return out, hit
 
     def plan(self, record: CalibrationRecord | None = None, description: str = "") -> Plan:
         """The plan of the pass so far. Layers never seen at a position stay full."""

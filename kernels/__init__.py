@@ -1,11 +1,21 @@
-"""Everything that executes attention: the method vocabulary, arrow masks, the cost model, the head-wise
-engine, the public op `arrow_attention` (``torch.ops.dfav2.arrow_attention``) and the fused Triton kernel behind it.
+"""Everything that executes attention: the method vocabulary, arrow masks, the FP8 scheme (quant.py), the cost
+model, the head-wise engine, the public op `arrow_attention` (``torch.ops.dfav2.arrow_attention``) and the fused Triton kernel behind it.
 Pure torch/Triton; never imports the host (ComfyUI)."""
 
 from __future__ import annotations
 
-from .attention import LAYOUTS, arrow_attention, arrow_attention_reference, head_table, kernel_unsupported
-from .cost import Geometry, decision_flops, grid_tokens, head_cost, image_tokens, kept_pairs, kept_tiles, kernel_tile
+from .attention import LAYOUTS, arrow_attention, arrow_attention_reference, fp8_unsupported, head_table, kernel_unsupported
+from .cost import (
+    FP8_COST_FACTOR,
+    Geometry,
+    decision_flops,
+    grid_tokens,
+    head_cost,
+    image_tokens,
+    kept_pairs,
+    kept_tiles,
+    kernel_tile,
+)
 from .engine import (
     CachedHeads,
     CallContext,
@@ -16,12 +26,30 @@ from .engine import (
     headwise_attention,
 )
 from .masks import arrow_block_mask, arrow_keep, arrow_mask_mod
-from .methods import CACHE, FULL, WINDOW_FULL, WINDOW_SKIP, HeadMethod, LayerDecision, MethodKind, arrow
+from .methods import (
+    CACHE,
+    FULL,
+    FULL_FP8,
+    QUANT_FP8,
+    QUANT_NONE,
+    WINDOW_FULL,
+    WINDOW_SKIP,
+    HeadMethod,
+    LayerDecision,
+    MethodKind,
+    Quant,
+    arrow,
+)
+from .quant import fp8_attention_reference, fp8_supported
 
 __all__ = [
     "LAYOUTS",
     "CACHE",
+    "FP8_COST_FACTOR",
     "FULL",
+    "FULL_FP8",
+    "QUANT_FP8",
+    "QUANT_NONE",
     "WINDOW_FULL",
     "WINDOW_SKIP",
     "CachedHeads",
@@ -33,6 +61,7 @@ __all__ = [
     "HeadwiseEngine",
     "LayerDecision",
     "MethodKind",
+    "Quant",
     "arrow",
     "arrow_attention",
     "arrow_attention_reference",
@@ -41,6 +70,9 @@ __all__ = [
     "arrow_mask_mod",
     "available_backends",
     "decision_flops",
+    "fp8_attention_reference",
+    "fp8_supported",
+    "fp8_unsupported",
     "grid_tokens",
     "head_cost",
     "head_table",

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["arrow_attention_triton", "fp8_supported"]
+__all__ = ["arrow_attention_triton"]
 
 # head_window codes (int32 per head): the window vocabulary of kernels/methods.py (WINDOW_FULL, WINDOW_SKIP,
 # band half-width >= 0), restated here because this file is also loaded standalone (tests, bench);
@@ -689,8 +689,9 @@ def _workspace(B: int, H: int, L: int, D: int, block_m: int, device: torch.devic
     return ws
 
 
-def fp8_supported(device: torch.device) -> bool:
-    """FP8 (e4m3) tensor cores: CUDA compute capability 8.9 or later (Ada, Hopper, Blackwell), or the interpreter."""
+def _fp8_capable(device: torch.device) -> bool:
+    """The FP8 path can run: e4m3 tensor cores (compute capability 8.9+; `kernels.quant.fp8_supported` is the
+    pack-wide rule, restated here because this file loads standalone) or the interpreter (tests)."""
     if _interpreting():
         return True
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
@@ -825,7 +826,7 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
     """
     global _fp8_warned
     txt_len = int(txt_len)
-    if head_quant is not None and not fp8_supported(q.device):
+    if head_quant is not None and not _fp8_capable(q.device):
         if not _fp8_warned:
             _fp8_warned = True
             import warnings

@@ -6,6 +6,10 @@ table = torch.tensor([WINDOW_FULL, 256, 128, WINDOW_SKIP], dtype=torch.int32, de
 o = arrow_attention(q, k, v, table, txt_len, layout="bhld")     # q, k, v [B, H, L, D], text tokens first
 ```
 
+FP8 heads: an optional int32 ``[H]`` `head_quant` table (1 = FP8, kernels/quant.py; 0 = the inputs' dtype) goes to
+the kernel where it has an FP8 path and the GPU has FP8 tensor cores (compute capability >= 8.9); everywhere else
+(CPU, older GPUs, the reference) FP8 heads run in the inputs' dtype, with one warning per reason and process.
+
 `arrow_attention` is registered as ``torch.ops.dfav2.arrow_attention`` (and ``dfav2::arrow_attention_out`` for the
 in-place form) with fake (meta) implementations, so ``torch.compile`` (ComfyUI's TorchCompileModel included) traces
 a model that calls it as one opaque node per call, without graph breaks. On CUDA it runs the fused Triton kernel
@@ -16,6 +20,8 @@ run the kernel through Triton's interpreter (how the CPU tests check the kernel 
 Forward only (inference): there is no autograd formula.
 """
 
+import functools
+import inspect
 import logging
 import math
 import os
@@ -27,8 +33,10 @@ import torch.nn.functional as F
 
 from .masks import arrow_keep
 from .methods import WINDOW_FULL, WINDOW_SKIP
+from .quant import fp8_supported
 
-__all__ = ["LAYOUTS", "arrow_attention", "arrow_attention_reference", "head_table", "kernel_unsupported"]
+__all__ = ["LAYOUTS", "arrow_attention", "arrow_attention_reference", "fp8_unsupported", "head_table",
+           "kernel_unsupported"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,7 @@ def _geometry(q: torch.Tensor, heads: int, layout: str) -> tuple[int, int, int]:
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, txt_len: int, layout: str,
-           out: Optional[torch.Tensor]) -> None:
+           out: Optional[torch.Tensor], quant: Optional[torch.Tensor] = None) -> None:
     """Caller errors (ValueError): what no implementation can run. Shapes and dtypes only, no device sync."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -82,6 +90,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tenso
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), got {tuple(out.shape)}, "
                          f"{out.dtype}, {out.device}")
+    if quant is not None and (quant.dtype != torch.int32 or quant.shape != table.shape or quant.device != table.device):
+        raise ValueError(f"head_quant must be an int32 tensor shaped like head_table ({tuple(table.shape)}) on "
+                         f"{table.device}, got {quant.dtype} {tuple(quant.shape)} on {quant.device}")
 
 
 def _interpreting() -> bool:
@@ -125,17 +136,18 @@ _CHECKED: dict[tuple, Optional[str]] = {}
 
 
 def _checked_verdict(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, txt_len: int, layout: str,
-                     out: Optional[torch.Tensor]) -> Optional[str]:
+                     out: Optional[torch.Tensor], quant: Optional[torch.Tensor] = None) -> Optional[str]:
     """`_check` (raises on caller errors) and `_kernel_reason` of one call, cached per key: a repeated call costs
     one key build instead of both checks (the host path of every attention call)."""
     key = (layout, txt_len, _interpreting(), q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype,
            k.device, v.shape, v.stride(), v.dtype, v.device, table.shape, table.dtype, table.device,
-           None if out is None else (out.shape, out.dtype, out.device))
+           None if out is None else (out.shape, out.dtype, out.device),
+           None if quant is None else (quant.shape, quant.dtype, quant.device))
     try:
         return _CHECKED[key]
     except KeyError:
         pass
-    _check(q, k, v, table, txt_len, layout, out)
+    _check(q, k, v, table, txt_len, layout, out, quant)
     why = _kernel_reason(q, k, v, table.shape[0], layout)
     if len(_CHECKED) >= _VERDICTS_MAX:
         _CHECKED.clear()
@@ -149,6 +161,46 @@ def _warn_once(why: str) -> None:
         log.warning("DiTFastAttnV2: the arrow kernel cannot run %s; using the masked-SDPA reference (warned once)", why)
 
 
+def _warn_fp8_once(why: str, dtype: torch.dtype) -> None:
+    key = f"fp8: {why}"
+    if key not in _warned:
+        _warned.add(key)
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
+        log.warning("DiTFastAttnV2: %s; FP8 heads run in %s (warned once)", why, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_takes_quant() -> bool:
+    """Whether this pack's Triton entry point has the FP8 path (its `head_quant` keyword); asked once."""
+    try:
+        from .arrow_triton import arrow_attention_triton
+    except ImportError:
+        return False
+    return "head_quant" in inspect.signature(arrow_attention_triton).parameters
+
+
+@functools.lru_cache(maxsize=64)
+def _fp8_reason(device: torch.device) -> Optional[str]:
+    """Why the kernel cannot compute FP8 heads on `device` (None: it can), given that it runs the call. Cached per
+    device: the hot path of every call with a quant table."""
+    if not fp8_supported(device):
+        return "no FP8 tensor cores here"
+    if not _kernel_takes_quant():
+        return "the arrow kernel of this pack has no FP8 path yet"
+    return None
+
+
+def fp8_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                    layout: str = "bhld") -> Optional[str]:
+    """Why FP8 heads of this call would not run in FP8 (None: `arrow_attention` with `head_quant` runs them in FP8):
+    the kernel cannot take the call (`kernel_unsupported`), the device has no FP8 tensor cores (CPU, CUDA compute
+    capability < 8.9; `quant.fp8_supported`), or the kernel has no FP8 path. From shapes and devices only."""
+    why = kernel_unsupported(q, k, v, heads, layout)
+    if why is not None:
+        return f"the arrow kernel cannot run {why}"
+    return _fp8_reason(q.device)
+
+
 def _bhld(x: torch.Tensor, heads: int, layout: str) -> torch.Tensor:
     """A [B, H, L, D] view of x (no copy)."""
     if layout == "bhld":
@@ -159,10 +211,11 @@ def _bhld(x: torch.Tensor, heads: int, layout: str) -> torch.Tensor:
 def arrow_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_table: torch.Tensor,
                               txt_len: int, *, layout: str = "bhld", scale: Optional[float] = None,
                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The exact reference of `arrow_attention` (same arguments): per distinct window one SDPA call on that window's
-    heads with the token-exact keep mask (`masks.arrow_keep`; none for full heads). Reads `head_table` on the host
-    (a device sync on CUDA) and builds an L x L mask per distinct arrow window: a fallback, not a fast path.
-    Skipped heads: zeros when `out` is None, untouched otherwise."""
+    """The exact reference of `arrow_attention` (same arguments, without `head_quant`: every head in the inputs'
+    dtype, which is how FP8 heads run where FP8 cannot; `quant.fp8_attention_reference` is the FP8 reference): per
+    distinct window one SDPA call on that window's heads with the token-exact keep mask (`masks.arrow_keep`; none
+    for full heads). Reads `head_table` on the host (a device sync on CUDA) and builds an L x L mask per distinct
+    arrow window: a fallback, not a fast path. Skipped heads: zeros when `out` is None, untouched otherwise."""
     _check(q, k, v, head_table, int(txt_len), layout, out)
     heads = head_table.shape[0]
     zero_skip = out is None
@@ -185,22 +238,35 @@ def arrow_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, txt_len: int, layout: str,
-         scale: Optional[float], out: torch.Tensor, zero_skip: bool) -> None:
+         scale: Optional[float], out: torch.Tensor, zero_skip: bool, quant: Optional[torch.Tensor] = None) -> None:
     """Both ops' implementation: the kernel where it can run, else the reference (warned once per reason)."""
     why = kernel_unsupported(q, k, v, table.shape[0], layout)
-    _execute(q, k, v, table, txt_len, layout, scale, out, zero_skip, why)
+    _execute(q, k, v, table, txt_len, layout, scale, out, zero_skip, why, quant)
 
 
 def _execute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, txt_len: int, layout: str,
-             scale: Optional[float], out: torch.Tensor, zero_skip: bool, why: Optional[str]) -> None:
-    """`_run` with the verdict known (`why`: None = the kernel runs it)."""
+             scale: Optional[float], out: torch.Tensor, zero_skip: bool, why: Optional[str],
+             quant: Optional[torch.Tensor] = None) -> None:
+    """`_run` with the verdict known (`why`: None = the kernel runs it). `quant`: the head_quant table or None."""
     if why is None:
         from .arrow_triton import arrow_attention_triton
 
-        arrow_attention_triton(q, k, v, table, txt_len, layout=layout, sm_scale=scale, out=out, zero_skip=zero_skip)
+        extra = {}
+        if quant is not None:
+            # Not read on the host (no sync): a table given where FP8 cannot run is said once, whatever it holds.
+            fp8_why = _fp8_reason(q.device)
+            if fp8_why is None:
+                extra["head_quant"] = quant
+            else:
+                _warn_fp8_once(fp8_why, q.dtype)
+        arrow_attention_triton(q, k, v, table, txt_len, layout=layout, sm_scale=scale, out=out, zero_skip=zero_skip,
+                               **extra)
         return
     if q.device.type == "cuda":  # CPU runs the reference by design; on CUDA it is a fallback worth saying
         _warn_once(why)
+    if quant is not None and bool(quant.any()):  # the reference reads head_table on the host anyway
+        _warn_fp8_once("no FP8 tensor cores here" if not fp8_supported(q.device) else f"the arrow kernel cannot run {why}",
+                       q.dtype)
     if zero_skip:
         out.copy_(arrow_attention_reference(q, k, v, table, txt_len, layout=layout, scale=scale))
     else:
@@ -213,24 +279,26 @@ def _register() -> None:
     if hasattr(torch.ops.dfav2, "arrow_attention"):
         return
 
+    # head_quant is the last argument, with a default, so calls written before it keep their meaning.
     @torch.library.custom_op("dfav2::arrow_attention", mutates_args=())
     def _arrow(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_table: torch.Tensor, txt_len: int,
-               layout: str, scale: Optional[float]) -> torch.Tensor:
+               layout: str, scale: Optional[float], head_quant: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = torch.empty_like(q)
-        _run(q, k, v, head_table, txt_len, layout, scale, out, zero_skip=True)
+        _run(q, k, v, head_table, txt_len, layout, scale, out, zero_skip=True, quant=head_quant)
         return out
 
     @_arrow.register_fake
-    def _arrow_fake(q, k, v, head_table, txt_len, layout, scale):
+    def _arrow_fake(q, k, v, head_table, txt_len, layout, scale, head_quant=None):
         return torch.empty_like(q)
 
     @torch.library.custom_op("dfav2::arrow_attention_out", mutates_args=("out",))
     def _arrow_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_table: torch.Tensor, txt_len: int,
-                   layout: str, scale: Optional[float], out: torch.Tensor) -> None:
-        _run(q, k, v, head_table, txt_len, layout, scale, out, zero_skip=False)
+                   layout: str, scale: Optional[float], out: torch.Tensor,
+                   head_quant: Optional[torch.Tensor] = None) -> None:
+        _run(q, k, v, head_table, txt_len, layout, scale, out, zero_skip=False, quant=head_quant)
 
     @_arrow_out.register_fake
-    def _arrow_out_fake(q, k, v, head_table, txt_len, layout, scale, out):
+    def _arrow_out_fake(q, k, v, head_table, txt_len, layout, scale, out, head_quant=None):
         return None
 
 
@@ -238,8 +306,8 @@ _register()
 
 
 def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_table: torch.Tensor, txt_len: int, *,
-                    layout: str = "bhld", scale: Optional[float] = None,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    layout: str = "bhld", scale: Optional[float] = None, out: Optional[torch.Tensor] = None,
+                    head_quant: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Head-wise arrow attention of one layer (DiTFastAttnV2): per head full, arrow or skipped, one launch on CUDA.
 
     Parameters
@@ -264,6 +332,11 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_tabl
     out : Tensor, optional
         Written in place (q's shape, dtype, device); skipped heads keep what it held (e.g. their cached output).
         Without `out` a new tensor is returned whose skipped heads are zeros.
+    head_quant : Tensor, optional
+        int32 ``[H]`` like `head_table` (same device), per head `QUANT_NONE` (0): the inputs' dtype, `QUANT_FP8`
+        (1): FP8 (the scheme of kernels/quant.py). FP8 heads run in FP8 only on the kernel with an FP8 path on a GPU
+        with FP8 tensor cores (`fp8_unsupported` says why not); elsewhere in the inputs' dtype, warned once. None:
+        every head in the inputs' dtype.
 
     Returns
     -------
@@ -277,15 +350,15 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_tabl
     if type(q) is torch.Tensor and not torch.compiler.is_compiling():
         # eager call on plain tensors: the ops' implementation directly (the custom-op dispatcher costs tens of µs
         # of host time per call; the result is the same function)
-        why = _checked_verdict(q, k, v, head_table, txt_len, layout, out)
+        why = _checked_verdict(q, k, v, head_table, txt_len, layout, out, head_quant)
         if out is None:
             out = torch.empty_like(q)
-            _execute(q, k, v, head_table, txt_len, layout, scale, out, True, why)
+            _execute(q, k, v, head_table, txt_len, layout, scale, out, True, why, head_quant)
         else:
-            _execute(q, k, v, head_table, txt_len, layout, scale, out, False, why)
+            _execute(q, k, v, head_table, txt_len, layout, scale, out, False, why, head_quant)
         return out
-    _check(q, k, v, head_table, txt_len, layout, out)
+    _check(q, k, v, head_table, txt_len, layout, out, head_quant)
     if out is None:
-        return torch.ops.dfav2.arrow_attention(q, k, v, head_table, txt_len, layout, scale)
-    torch.ops.dfav2.arrow_attention_out(q, k, v, head_table, txt_len, layout, scale, out)
+        return torch.ops.dfav2.arrow_attention(q, k, v, head_table, txt_len, layout, scale, head_quant)
+    torch.ops.dfav2.arrow_attention_out(q, k, v, head_table, txt_len, layout, scale, out, head_quant)
     return out

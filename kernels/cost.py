@@ -1,7 +1,9 @@
 """Attention cost model: kept (q, k) pairs and FLOPs per head method, token-exact or tile-granular.
 
 The calibration search uses `head_cost` as the saving weight of each candidate, `inspect` prints
-`decision_flops`. Tile-granular cost counts the score tiles a block-sparse kernel must compute
+`decision_flops`. An FP8 head keeps the pairs of its base method but each costs `FP8_COST_FACTOR` of a bf16 pair:
+`head_cost` and `decision_cost` weigh FP8 pairs by it (time), `kept_pairs`, `kept_tiles` and `decision_flops` do
+not (FLOPs are FLOPs). Tile-granular cost counts the score tiles a block-sparse kernel must compute
 (the same tile rule as `masks.arrow_block_tables`): a tile pair is paid in full if any pair in it is kept.
 `kernel_tile` is the one tile rule (the Triton kernel's tile per head_dim) that the search, the summaries and
 the kernel share; `grid_tokens` / `image_tokens` the one image-token count.
@@ -9,6 +11,7 @@ the kernel share; `grid_tokens` / `image_tokens` the one image-token count.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,7 +19,13 @@ from functools import lru_cache
 from .masks import arrow_block_tables
 from .methods import HeadMethod, LayerDecision, MethodKind
 
-__all__ = ["Geometry", "image_tokens", "grid_tokens", "kernel_tile", "band_pairs", "cross_band_pairs", "kept_pairs", "kept_tiles", "head_cost", "decision_cost", "decision_flops"]
+__all__ = ["FP8_COST_FACTOR", "Geometry", "image_tokens", "grid_tokens", "kernel_tile", "band_pairs", "cross_band_pairs", "kept_pairs", "kept_tiles", "head_cost", "decision_cost", "decision_flops"]
+
+#: Time of one FP8 score pair relative to one bf16 pair in the fused kernel (e4m3 QKᵀ, bf16 PV, the quantization
+#: pre-pass included). Measured on an H200 (2026-11-28, bench/bench_fp8.py, Flux-dev 2K, text 512): all-full 6.73 vs
+#: 6.26 ms (1.075), mixed 1.12, arrow/8 1.19 -- FP8 heads are *slower* there, so a search never prefers them for
+#: time. A calibration records the factor it searched with (`CalibrationRecord.fp8_cost_factor`).
+FP8_COST_FACTOR = 1.08
 
 
 @dataclass(frozen=True)
@@ -108,23 +117,34 @@ def kept_tiles(txt_len: int, n_img_tokens: int, method: HeadMethod, tile: int, r
     return int(any_kept.sum())
 
 
-def head_cost(geometry: Geometry, method: HeadMethod, tile: int | None = None) -> int:
-    """Cost of one head in score pairs: token-exact when `tile` is None, else tiles × tile²."""
+def head_cost(geometry: Geometry, method: HeadMethod, tile: int | None = None, *,
+              fp8_factor: float = FP8_COST_FACTOR) -> int:
+    """Cost of one head in bf16 score pairs: token-exact when `tile` is None, else tiles × tile²; an FP8 method's
+    pairs times `fp8_factor` (rounded to an integer: the knapsack works on integer savings). ``fp8_factor=1``
+    counts pairs (FLOPs)."""
     if tile is None:
-        return kept_pairs(geometry.txt_len, geometry.n_img_tokens, method, geometry.refs)
-    return kept_tiles(geometry.txt_len, geometry.n_img_tokens, method, tile, geometry.refs) * tile * tile
+        pairs = kept_pairs(geometry.txt_len, geometry.n_img_tokens, method, geometry.refs)
+    else:
+        pairs = kept_tiles(geometry.txt_len, geometry.n_img_tokens, method, tile, geometry.refs) * tile * tile
+    if not method.fp8:
+        return pairs
+    if not (math.isfinite(fp8_factor) and fp8_factor > 0):
+        raise ValueError(f"fp8_factor must be a finite number > 0, got {fp8_factor!r}")
+    return round(pairs * fp8_factor)
 
 
-def decision_cost(geometry: Geometry, decision: LayerDecision, tile: int | None = None) -> tuple[int, int]:
-    """(kept, dense) score pairs of one layer decision, summed over its heads."""
-    kept = sum(head_cost(geometry, m, tile) for m in decision.methods)
+def decision_cost(geometry: Geometry, decision: LayerDecision, tile: int | None = None, *,
+                  fp8_factor: float = FP8_COST_FACTOR) -> tuple[int, int]:
+    """(kept, dense) cost of one layer decision in bf16 score pairs (`head_cost`), summed over its heads."""
+    kept = sum(head_cost(geometry, m, tile, fp8_factor=fp8_factor) for m in decision.methods)
     dense = head_cost(geometry, HeadMethod(MethodKind.FULL), tile) * decision.heads
     return kept, dense
 
 
 def decision_flops(geometry: Geometry, decision: LayerDecision, tile: int | None = None) -> tuple[int, int]:
-    """(kept, dense) attention FLOPs of one layer decision: 4 · pairs · head_dim · batch (QK^T and PV)."""
-    kept, dense = decision_cost(geometry, decision, tile)
+    """(kept, dense) attention FLOPs of one layer decision: 4 · pairs · head_dim · batch (QK^T and PV; an FP8 pair
+    is a FLOP pair like any other)."""
+    kept, dense = decision_cost(geometry, decision, tile, fp8_factor=1.0)
     scale = 4 * geometry.head_dim * geometry.batch
     return kept * scale, dense * scale
 

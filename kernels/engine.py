@@ -18,7 +18,7 @@ from typing import Literal, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from .attention import arrow_attention, kernel_unsupported
+from .attention import arrow_attention, fp8_unsupported, kernel_unsupported
 from .cost import kept_pairs
 from .masks import TextMask, arrow_block_mask, arrow_keep, host_mask_4d
 from .methods import FULL, WINDOW_FULL, WINDOW_SKIP, LayerDecision, MethodKind
@@ -40,6 +40,7 @@ __all__ = [
     "HeadwiseEngine",
     "headwise_attention",
     "available_backends",
+    "fp8_blocked",
 ]
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class KernelTables:
         return t
 
     def window_table(self, windows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The int32 per-head table of `windows` (or of quant flags: the same tensor for the same tuple)."""
         key = ("windows", windows, device)
         t = self._store.get(key)
         if t is None:
@@ -250,7 +252,8 @@ def headwise_attention(
     tables : where index tensors and masks are kept between calls (an engine's per-run tables); None builds
         them for this call only.
     full_by_dense : the Triton backend computes full heads in its own launch unless this is True; then `dense`
-        computes them (DFAApply's dense "host": full heads always run the host's attention).
+        computes them (DFAApply's dense "host": full heads always run the host's attention). FP8 full heads stay in
+        the kernel's launch (the host has no FP8 attention).
     refs : token counts of the reference latents (Kontext / edit) after the image, in order; arrow heads band each
         pair of segments on in-segment offsets (masks.py).
     mask : the host's attention mask when it touches only text key columns (`masks.text_only_mask`): full heads
@@ -282,6 +285,11 @@ def headwise_attention(
     if decision.cache_heads and not _cache_usable(cached, decision.cache_heads, q):
         hit = False
         decision = LayerDecision(tuple(FULL if m.kind is MethodKind.CACHE else m for m in decision.methods))
+    if decision.fp8_heads:
+        fp8_why = fp8_blocked(q, k, v, backend, refs)
+        if fp8_why is not None:  # FP8 heads run their base method in q's dtype (an all-FP8-full layer: dense)
+            decision = decision.unquantized
+            _warn_once(f"{fp8_why}; FP8 heads run in {_DTYPE_NAMES.get(q.dtype, str(q.dtype).removeprefix('torch.'))}")
     if decision.all_full:
         return dense_fn(q, k, v), hit
 
@@ -322,10 +330,11 @@ def headwise_attention(
         # cached outputs are pasted first. With `full_by_dense` the full heads are skipped too and `dense` runs them.
         windows = decision.windows(n_img)
         if full_by_dense:
-            windows = tuple(WINDOW_SKIP if w == WINDOW_FULL else w for w in windows)
+            windows = tuple(WINDOW_SKIP if w == WINDOW_FULL and not fq else w for w, fq in zip(windows, decision.quant))
         out = torch.empty_like(q)
         _paste_cached(out, decision, cached, tables, device)
-        arrow_attention(q, k, v, tables.window_table(windows, device), txt_len, scale=scale, out=out)
+        quant = tables.window_table(decision.quant, device) if decision.fp8_heads else None
+        arrow_attention(q, k, v, tables.window_table(windows, device), txt_len, scale=scale, out=out, head_quant=quant)
         if full_by_dense and decision.full_heads:
             idx = tables.index(decision.full_heads, device)
             out[:, idx] = dense_fn(q[:, idx], k[:, idx], v[:, idx])
@@ -368,6 +377,7 @@ def _paste_cached(out: torch.Tensor, decision: LayerDecision, cached: CachedHead
 
 
 _warned: set[str] = set()
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _warn_once(message: str) -> None:
@@ -375,6 +385,18 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         log.warning("DiTFastAttnV2: %s (warned once)", message)
+
+
+def fp8_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: ArrowBackend = "auto",
+                refs: tuple[int, ...] = ()) -> str | None:
+    """Why `headwise_attention` would run the FP8 heads of this call in q's dtype (None: the Triton kernel runs
+    them in FP8): another backend, reference latents, a call the kernel cannot take, no FP8 tensor cores."""
+    chosen = _resolve_backend(backend, q.device)
+    if chosen != "triton":
+        return "no FP8 tensor cores here" if q.device.type != "cuda" else f"the {chosen} backend has no FP8 path"
+    if refs:
+        return "the FP8 kernel does not take reference latents"
+    return fp8_unsupported(q, k, v, q.shape[1])
 
 
 def _fallback_backend(head_dim: int, dtype: torch.dtype, device: torch.device) -> ArrowBackend:
@@ -411,9 +433,11 @@ class CallContext(NamedTuple):
 class EngineStats:
     """What a consumer did during one run, reported by the consumer itself (plain ints: no device syncs).
 
-    heads: head-calls per method actually used (a cache miss counts as full); cache_hits / cache_misses: cached
-    heads served from / recomputed without the cache; kept_flops / dense_flops: attention FLOPs computed and
-    what dense attention would have cost (4 · pairs · head_dim · batch)."""
+    heads: head-calls per method kind actually used (a cache miss counts as full; FP8 heads count under their kind
+    too); fp8_heads / fp8_flops: head-calls and kept FLOPs the plan computes in FP8 (where FP8 cannot run they ran
+    in the inputs' dtype, warned once); cache_hits / cache_misses: cached heads served from / recomputed without
+    the cache; kept_flops / dense_flops: attention FLOPs computed and what dense attention would have cost
+    (4 · pairs · head_dim · batch)."""
 
     calls: int = 0
     heads: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in MethodKind})
@@ -421,9 +445,12 @@ class EngineStats:
     cache_misses: int = 0
     kept_flops: int = 0
     dense_flops: int = 0
+    fp8_heads: int = 0
+    fp8_flops: int = 0
 
     def reset(self) -> None:
         self.calls = self.cache_hits = self.cache_misses = self.kept_flops = self.dense_flops = 0
+        self.fp8_heads = self.fp8_flops = 0
         self.heads = {k.value: 0 for k in MethodKind}
 
     def record(self, cost: CallCost, batch: int, head_dim: int) -> None:
@@ -438,11 +465,15 @@ class EngineStats:
         scale = 4 * batch * head_dim
         self.kept_flops += cost.kept_pairs * scale
         self.dense_flops += cost.dense_pairs * scale
+        if cost.fp8:
+            self.fp8_heads += cost.fp8
+            self.fp8_flops += cost.fp8_pairs * scale
 
 
 @dataclass(frozen=True)
 class CallCost:
-    """Per call of one layer decision at one geometry: heads per method used and score pairs per batch element."""
+    """Per call of one layer decision at one geometry: heads per method kind used and score pairs per batch element;
+    `fp8` of the full and arrow heads and `fp8_pairs` of the kept pairs are computed in FP8."""
 
     full: int
     arrow: int
@@ -450,6 +481,8 @@ class CallCost:
     missed: int
     kept_pairs: int
     dense_pairs: int
+    fp8: int = 0
+    fp8_pairs: int = 0
 
 
 @functools.lru_cache(maxsize=512)
@@ -457,16 +490,22 @@ def call_cost(decision: LayerDecision, txt_len: int, n_img: int, hit: bool, refs
     """The cost of running `decision` at (txt_len, n_img, refs); without a cache `hit` the cached heads run
     full."""
     n_cache = len(decision.cache_heads)
-    kept = 0
+    kept = fp8_pairs = 0
     for m in decision.methods:
-        kept += kept_pairs(txt_len, n_img, FULL if (m.kind is MethodKind.CACHE and not hit) else m, refs)
+        pairs = kept_pairs(txt_len, n_img, FULL if (m.kind is MethodKind.CACHE and not hit) else m, refs)
+        kept += pairs
+        if m.fp8:
+            fp8_pairs += pairs
+    kinds = [m.kind for m in decision.methods]  # FP8 heads count under their kind, and in `fp8`
     return CallCost(
-        full=len(decision.full_heads) + (0 if hit else n_cache),
-        arrow=len(decision.arrow_heads),
+        full=kinds.count(MethodKind.FULL) + (0 if hit else n_cache),
+        arrow=kinds.count(MethodKind.ARROW),
         cached=n_cache if hit else 0,
         missed=0 if hit else n_cache,
         kept_pairs=kept,
         dense_pairs=(txt_len + n_img + sum(refs)) ** 2 * decision.heads,
+        fp8=len(decision.fp8_heads),
+        fp8_pairs=fp8_pairs,
     )
 
 

@@ -20,9 +20,10 @@ import torch
 
 from ..calibration.plan import CalibrationRecord, Plan, save_plan
 from ..calibration.prompts import parse_prompts
-from ..calibration.search import DEFAULT_CANDIDATES, DEFAULT_DELTA, ProgressiveCalibrator, SearchConfig
+from ..calibration.search import DEFAULT_CANDIDATES, DEFAULT_DELTA, ProgressiveCalibrator, SearchConfig, with_fp8
 from ..kernels.engine import ArrowBackend
 from ..kernels.methods import CACHE, HeadMethod, arrow
+from ..kernels.quant import fp8_supported
 from .hooks import HostPatch, install_patch
 from .host import host_support, host_version
 from .layouts import Layout, model_layout
@@ -33,7 +34,7 @@ from .summary import RunSummary
 
 __all__ = [
     "CalibrationPatch", "CalibrationResult", "calibrate_dfa", "encode_prompts", "host_version", "CANDIDATE_SETS",
-    "DEFAULT_CANDIDATE_SET", "NodeResult", "calibrate_plan_node",
+    "DEFAULT_CANDIDATE_SET", "FP8_MODES", "NodeResult", "calibrate_plan_node", "search_candidates",
 ]
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,22 @@ CANDIDATE_SETS: dict[str, tuple[HeadMethod, ...]] = {
     "arrow 8 only": (arrow(8),),
 }
 DEFAULT_CANDIDATE_SET = next(iter(CANDIDATE_SETS))
+#: DFACalibrate's fp8 option: off (no FP8 candidates), on (FP8 variants of full and of each arrow candidate), auto
+#: (on when the GPU calibrated on has FP8 tensor cores, compute capability >= 8.9).
+FP8_MODES: tuple[str, ...] = ("off", "on", "auto")
+
+
+def search_candidates(candidates: str, fp8: str, device: Any = None) -> tuple[HeadMethod, ...]:
+    """The candidates a DFACalibrate run searches: the set named `candidates` (a key of CANDIDATE_SETS), with
+    their FP8 variants (`with_fp8`) when `fp8` is "on", or "auto" and `device` has FP8 tensor cores."""
+    if candidates not in CANDIDATE_SETS:
+        raise ValueError(f"unknown candidate set {candidates!r}; choose one of {', '.join(CANDIDATE_SETS)}")
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}, got {fp8!r}")
+    base = CANDIDATE_SETS[candidates]
+    if fp8 == "on" or (fp8 == "auto" and device is not None and fp8_supported(device)):
+        return with_fp8(base)
+    return base
 
 
 @dataclass(frozen=True)
@@ -279,6 +296,7 @@ def calibrate_plan_node(
     seed: int = 0,
     delta: float = DEFAULT_DELTA,
     candidates: str = DEFAULT_CANDIDATE_SET,
+    fp8: str = "off",
     plan_name: str = "my_plan",
     overwrite: bool = False,
     backend: ArrowBackend = "auto",
@@ -289,8 +307,9 @@ def calibrate_plan_node(
     Prompts: `positive` (a CONDITIONING whose batch holds the prompts) wins; else `clip` encodes `prompts` (one per
     line) into one batch. Negative: `negative`, else `negative_prompt` through `clip`, else the zeroed positive.
     `guidance` (Flux only) fills in conditioning entries that carry none. `delta` is the per-layer, per-step error
-    budget (0: every head full). `candidates` is a key of CANDIDATE_SETS. `on_step(step, total)` is called after
-    each sampler step, after the host's progress bar.
+    budget (0: every head full). `candidates` is a key of CANDIDATE_SETS; `fp8` one of FP8_MODES (FP8 variants of
+    full and the arrow candidates; "auto": on where the host's GPU has FP8 tensor cores). `on_step(step, total)` is
+    called after each sampler step, after the host's progress bar.
 
     An existing ``<plan_name>.json`` with `overwrite` off: when its model signature and calibration settings
     (`calibration_settings`: δ, candidates, prompts' encodings, sampler, size, seed, weights ...) equal this call's,
@@ -308,9 +327,8 @@ def calibrate_plan_node(
 
     from .. import __version__ as pack_version
 
-    if candidates not in CANDIDATE_SETS:
-        raise ValueError(f"unknown candidate set {candidates!r}; choose one of {', '.join(CANDIDATE_SETS)}")
-    config = SearchConfig(delta=float(delta), candidates=CANDIDATE_SETS[candidates])
+    device = comfy.model_management.get_torch_device() if fp8 == "auto" else None
+    config = SearchConfig(delta=float(delta), candidates=search_candidates(candidates, fp8, device))
     # An existing file is either this very calibration (reused) or a refusal, decided before sampling; a file that
     # is not a plan fails here, before anything is encoded.
     start = time.perf_counter()
@@ -366,7 +384,9 @@ def calibrate_plan_node(
             model, positive=pos, negative=neg, width=int(width), height=int(height), steps=int(steps), cfg=float(cfg),
             sampler_name=sampler_name, scheduler=scheduler, seed=int(seed), config=config,
             guidance=recorded_guidance, prompts=n_prompts, backend=backend, callback=progress,
-            pack_version=str(pack_version), description=f"DFACalibrate {path.stem}: delta {float(delta):g}, {candidates}",
+            pack_version=str(pack_version),
+            description=f"DFACalibrate {path.stem}: delta {float(delta):g}, {candidates}"
+                        + (", FP8 variants" if any(c.fp8 for c in config.candidates) else ""),
         )
     except comfy.model_management.InterruptProcessingException:
         log.warning("DiTFastAttnV2 calibration was interrupted: no plan was written (%s); the model is unchanged", path)

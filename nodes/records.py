@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..calibration.cli import flops_kept, summarize, tile_label
+from ..calibration.cli import flops_kept, summarize, tile_label, time_kept
 from ..calibration.plan import (
     ModelSignature, Plan, PlanError, describe_settings, load_plan, settings_differences,
 )
@@ -96,6 +96,8 @@ def calibration_settings(
         seed=int(seed),
         weights=weights_fingerprint(model),
         conditioning=conditioning_fingerprint(positive, None if math.isclose(cfg, 1.0) else negative),
+        # recorded only when FP8 candidates were searched, so plans made before FP8 existed stay reusable
+        fp8_cost_factor=float(config.fp8_cost_factor) if any(c.fp8 for c in config.candidates) else None,
     )
 
 
@@ -104,12 +106,13 @@ def calibration_summary(plan: Plan, path: Path, how: str, layout: Layout) -> str
     and the estimated attention speed-up (image tokens from the model's latent format, e.g. Flux 2's 1/16)."""
     cal = plan.calibration
     assert cal is not None
-    _, tiled = flops_kept(plan, width=cal.width, height=cal.height, txt_len=cal.txt_len,
-                          n_img=layout.image_tokens(cal.width, cal.height))
+    n_img = layout.image_tokens(cal.width, cal.height)
+    _, tiled = flops_kept(plan, width=cal.width, height=cal.height, txt_len=cal.txt_len, n_img=n_img)
+    cost = time_kept(plan, width=cal.width, height=cal.height, txt_len=cal.txt_len, n_img=n_img)  # FP8 weighed
     return "\n".join([
         f"plan: {path}",
         summarize(plan),
-        f"{how}; estimated attention speed-up {1 / max(tiled, 1e-9):.2f}x (attention FLOPs kept at "
+        f"{how}; estimated attention speed-up {1 / max(cost, 1e-9):.2f}x (attention FLOPs kept at "
         f"{tile_label(plan)} {100 * tiled:.1f}%)",
     ])
 

@@ -47,6 +47,7 @@ def report_payload(summary: RunSummary, *, node: str | None, label: str, signatu
         "attention_calls": summary.attention_calls,
         "heads": dict(summary.heads),
         "head_shares": {k: (v / total if total else 0.0) for k, v in summary.heads.items()},
+        "fp8_heads": summary.fp8_heads,  # counted in `heads` under their kind too
         "cache_hits": summary.cache_hits,
         "cache_misses": summary.cache_misses,
         "flops_saved": summary.flops_saved,

@@ -371,7 +371,7 @@ class Run:
             self._report_bypassed(fwd)
         self._unreported.clear()
         heads = {m.value: 0 for m in MethodKind}
-        hits = misses = calls = kept = dense = 0
+        hits = misses = calls = kept = dense = fp8 = 0
         seen: set[int] = set()
         for c in self.consumers.values():
             if id(c) in seen:
@@ -385,6 +385,7 @@ class Run:
             calls += st.calls
             kept += st.kept_flops
             dense += st.dense_flops
+            fp8 += st.fp8_heads
         summary = RunSummary(
             forwards=tuple(self.forwards),
             attention_calls=self.attention_calls,
@@ -397,6 +398,7 @@ class Run:
             dense_flops=dense,
             dense_by=describe_override(self.prev) if self.prev is not None else None,
             text_mask_calls=self.text_mask_calls,
+            fp8_heads=fp8,
         )
         self.release()
         self.consumers.clear()

@@ -33,6 +33,7 @@ class RunSummary:
     dense_flops: int
     dense_by: str | None = None  # the chained override that ran the full heads and dense calls (None: the host's)
     text_mask_calls: int = 0  # calls run by the plan that carried a host mask on text key columns only (e.g. Redux)
+    fp8_heads: int = 0  # head-calls the plan computes in FP8 (counted in `heads` too; bf16 where FP8 cannot run)
 
     @property
     def flops_saved(self) -> float:
@@ -45,6 +46,8 @@ class RunSummary:
         reasons = f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.fallbacks.items()))})" if fb else ""
         dense_by = f"; full heads and dense calls ran {self.dense_by}" if self.dense_by else ""
         masked = f" ({self.text_mask_calls} with a text-only mask, compressed)" if self.text_mask_calls else ""
+        if self.fp8_heads:
+            share = f"{share} (FP8 {100.0 * self.fp8_heads / total:.0f}%)"
         return (
             f"DiTFastAttnV2: {len(self.forwards)} forwards, {self.attention_calls} attention calls{masked}; heads {share}; "
             f"cache hits {self.cache_hits}, misses {self.cache_misses}; est. attention FLOPs saved "

@@ -14,7 +14,7 @@ from ..calibration.search import DEFAULT_DELTA
 from ..kernels.dense import DENSE_MODES
 from ..kernels.engine import CACHE_OFFLOAD_MODES
 from .adapter import apply_dfa
-from .calibrate import CANDIDATE_SETS, DEFAULT_CANDIDATE_SET, calibrate_plan_node
+from .calibrate import CANDIDATE_SETS, DEFAULT_CANDIDATE_SET, FP8_MODES, calibrate_plan_node
 from .plans import NO_PLAN, load_plan_file, plan_fingerprint
 from .refnodes import REF_NODES
 from .v3_common import CATEGORY, DFA_PLAN, advanced, plan_combo, sampler_names, scheduler_names
@@ -166,7 +166,8 @@ class DFACalibrate(io.ComfyNode):
             description=(
                 "Finds a DiTFastAttnV2 plan for this model: one sampling pass over the sample prompts in which every "
                 "attention layer measures, per head, the error of arrow attention and of reusing the previous "
-                "step's output, and keeps the cheapest choice within the error budget delta. Writes "
+                "step's output (and, with fp8, of FP8 attention), and keeps the cheapest choice within the error "
+                "budget delta. Writes "
                 "models/dfa_plans/<plan_name>.json and outputs the plan for DFAApply. A re-run with the same model "
                 "and settings loads that file instead of calibrating again. Can be queued on its own."
             ),
@@ -244,6 +245,16 @@ class DFACalibrate(io.ComfyNode):
                     tooltip="Optional negative conditioning; wins over negative_prompt. Without it and without clip "
                     "the zeroed positive is used.",
                 ),
+                io.Combo.Input(
+                    "fp8", options=list(FP8_MODES), default="off", optional=True,
+                    tooltip="Also offer FP8 variants of full and of each arrow candidate: the head's attention "
+                    "computed in FP8 (faster on FP8 GPUs, a small error that the calibration measures like any "
+                    "other and keeps within delta). off: no FP8 heads. on: offer them (a plan made on a machine "
+                    "without FP8 measures FP8 by emulation; such heads run in bf16 wherever the GPU has no FP8 "
+                    "tensor cores). auto: on when this GPU has FP8 tensor cores (RTX 40xx, L40, H100/H200 and "
+                    "newer). Optional, so workflows saved before this option keep working.",
+                    **adv,
+                ),
             ],
             outputs=[
                 DFA_PLAN.Output(display_name="dfa_plan", tooltip="The calibrated plan, for DFAApply's dfa_plan input."),
@@ -275,11 +286,12 @@ class DFACalibrate(io.ComfyNode):
         clip: Any = None,
         positive: list | None = None,
         negative: list | None = None,
+        fp8: str = "off",
     ) -> io.NodeOutput:
         result = calibrate_plan_node(
             model=model, clip=clip, prompts=prompts, positive=positive, negative_prompt=negative_prompt,
             negative=negative, width=width, height=height, steps=steps, cfg=cfg, guidance=guidance,
-            sampler_name=sampler_name, scheduler=scheduler, seed=seed, delta=delta, candidates=candidates,
+            sampler_name=sampler_name, scheduler=scheduler, seed=seed, delta=delta, candidates=candidates, fp8=fp8,
             plan_name=plan_name, overwrite=overwrite,
         )
         return io.NodeOutput(result.plan, result.summary, ui=ui.PreviewText(result.summary))

@@ -1,4 +1,4 @@
-"""FP8 heads of the arrow kernel (`head_quant`), against an emulation of the same quantization and float64.
+"""FP8 heads of the arrow kernel (`head_quant`), against kernels/quant.py's reference of the scheme and float64.
 
 CPU tier: Triton's interpreter (TRITON_INTERPRET=1 when there is no CUDA), small odd sizes, FP8 and bf16 heads mixed
 in one launch. GPU tier (`-m gpu`, FP8 tensor cores: sm89+): real sizes and odd lengths.
@@ -9,48 +9,20 @@ the input dtype.
 from __future__ import annotations
 
 import importlib.util
-import math
 import pathlib
 
 import pytest
 import torch
+
+from dfav2.kernels.quant import fp8_attention_reference
 
 # the bf16 kernel tests' loader, interpreter switch, markers and keep mask (tests/ is not a package)
 _spec = importlib.util.spec_from_file_location("_dfav2_test_arrow_triton",
                                                pathlib.Path(__file__).with_name("test_arrow_triton.py"))
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
-FULL, SKIP, _INTERP, _keep_mask, at, cpu_only, gpu = (_base.FULL, _base.SKIP, _base._INTERP, _base._keep_mask,
-                                                      _base.at, _base.cpu_only, _base.gpu)
-
-E4M3 = torch.float8_e4m3fn
-
-
-def emulate(q, k, v, windows, T, quant, block_m=128):
-    """float64 attention per head; FP8 heads quantized as the kernel's scheme (with the exact softmax, not the
-    online one; P rounded to the input dtype)."""
-    B, H, L, D = q.shape
-    out = torch.full((B, H, L, D), float("nan"), dtype=torch.float64, device=q.device)
-    for h, w in enumerate(windows):
-        if w == SKIP:
-            continue
-        qh, kh, vh = q[:, h].float(), k[:, h].float(), v[:, h].float()
-        keep = _keep_mask(w, L, T, q.device)
-        if quant[h]:
-            kh = kh - kh.mean(dim=1, keepdim=True)
-            tiles = qh.abs().amax(-1).split(block_m, dim=1)  # per query tile of block_m rows
-            sq = torch.cat([t.amax(1, keepdim=True).expand_as(t) for t in tiles], 1)[..., None]
-            sq = (sq / 448).clamp(min=1e-12)
-            sk = (kh.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)
-            q8, k8 = (qh / sq).to(E4M3).double(), (kh / sk).to(E4M3).double()
-            s = (q8 @ k8.transpose(-1, -2)) * sq.double() * sk.double().transpose(-1, -2) / math.sqrt(D)
-            s = s.masked_fill(~keep, float("-inf"))
-            p = torch.exp(s - s.amax(-1, keepdim=True))
-            out[:, h] = (p.to(q.dtype).double() @ vh.double()) / p.sum(-1, keepdim=True)
-        else:
-            s = (qh.double() @ kh.double().transpose(-1, -2)) / math.sqrt(D)
-            out[:, h] = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ vh.double()
-    return out
+FULL, SKIP, _INTERP, at, cpu_only, gpu, reference = (_base.FULL, _base.SKIP, _base._INTERP, _base.at, _base.cpu_only,
+                                                     _base.gpu, _base.reference)
 
 
 def _inputs(B, H, L, D, dtype, device, seed):
@@ -74,8 +46,8 @@ def _check(B, H, T, N, D, windows, quant, dtype, device, seed, tol_emu, tol_exac
     o = at.arrow_attention_triton(q, k, v, hw, T, head_quant=hq, zero_skip=True)
     plain = at.arrow_attention_triton(q, k, v, hw, T, zero_skip=True)
     block_m = at._default_config(q.device, D, q.dtype, L)["BLOCK_M"]
-    emu = emulate(q, k, v, windows, T, quant, block_m)
-    exact = emulate(q, k, v, windows, T, [0] * H)
+    emu = fp8_attention_reference(q, k, v, windows, T, q_block=block_m).double()
+    exact = reference(q, k, v, windows, T, "bhld")
     for h, w in enumerate(windows):
         if w == SKIP:
             assert torch.count_nonzero(o[:, h]) == 0
@@ -111,7 +83,7 @@ def test_fp8_rounding_matches_torch():
     x = torch.cat([x, torch.zeros(8192 - x.numel())])
     y = torch.empty_like(x)
     k[(1,)](x, y, 8192)
-    assert torch.equal(y, x.to(E4M3).float())
+    assert torch.equal(y, x.to(torch.float8_e4m3fn).float())
 
 
 needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or _INTERP or

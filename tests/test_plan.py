@@ -357,7 +357,7 @@ def test_settings_differences_name_each_changed_field():
                                 dict(same, delta=0.1 + 0.3, cfg=3.5000000000000004)) == []
     changes = {"delta": 0.2, "candidates": ("full", "cache"), "prompts": 5, "steps": 28, "sampler": "heun",
                "scheduler": "beta", "cfg": 1.0, "guidance": 3.5, "width": 512, "height": 512, "seed": 8,
-               "weights": "w1:other", "conditioning": None}
+               "weights": "w1:other", "conditioning": None, "fp8_cost_factor": 0.5}
     assert set(changes) == set(SETTINGS_FIELDS)
     for _ in range(20):
         picked = rng.sample(sorted(changes), rng.randint(1, len(changes)))

@@ -117,6 +117,47 @@ def test_calibrated_plan_applied_reproduces_the_calibration_latent(models, famil
     assert s.fallbacks == {} and (s.cache_hits, s.cache_misses) == H.expected_cache_counts(res.plan, s.forwards)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_on_calibrates_fp8_heads_by_emulation_and_applies_them_in_bf16(models, family, plans_dir, caplog):
+    """fp8 "on" without FP8 tensor cores (here: CPU): the search measures FP8 by emulation, so the plan may hold FP8
+    heads; the record carries the cost factor; a re-run reuses the file; DFAApply runs the FP8 heads in bf16 (one
+    warning), exactly as the same plan without quantization."""
+    _need(family)
+    import logging
+
+    import nodes
+
+    from dfav2.calibration.plan import Plan, PlanPosition
+    from dfav2.kernels.cost import FP8_COST_FACTOR
+    from dfav2.nodes.v3 import DFAApply
+
+    model = models[family]
+    kw = dict(delta=1.0, seed=3, candidates="arrow 8/16/32 only", plan_name="f8")  # cache would win every head here
+    res = _calibrate(model, family, fp8="on", **kw)
+    cal = res.plan.calibration
+    assert cal.fp8_cost_factor == FP8_COST_FACTOR and "full+fp8" in cal.candidates
+    fp8 = sum(n for m, n in res.plan.method_counts().items() if m.endswith("+fp8"))
+    assert fp8 > 0 and "FP8 heads:" in res.summary
+    again = _calibrate(model, family, fp8="on", **kw)
+    assert again.samples is None and again.plan == res.plan  # the same calibration: loaded
+    with pytest.raises(ValueError, match="candidates"):
+        _calibrate(model, family, fp8="off", **kw)  # another calibration: refused
+
+    plain = Plan(res.plan.model, tuple(PlanPosition(p.sigma, tuple(d.unquantized for d in p.layers))
+                                       for p in res.plan.positions))
+    outs = []
+    with caplog.at_level(logging.WARNING):
+        for plan in (res.plan, plain):
+            patched = DFAApply.execute(model=model, plan="none", enabled=True, start_percent=0.0, end_percent=1.0,
+                                       dfa_plan=plan).args[0]
+            outs.append(nodes.common_ksampler(patched, 3, 4, 1.0, "euler", "simple", _batch_cond(family, 2, 1),
+                                              H.conditioning(family, 32, 2), H.empty_latent(256, 256, 2))[0]["samples"])
+            s = patched.model_options["transformer_options"][A.TO_PATCH].last_summary
+            assert s.fallbacks == {} and (s.fp8_heads > 0) == (plan is res.plan)
+    assert torch.equal(outs[0], outs[1])
+    assert len([r for r in caplog.records if "FP8 heads run in" in r.getMessage()]) <= 1
+
+
 def test_same_inputs_same_plan_and_file_loads_in_a_fresh_process(models, plans_dir):
     fam = "sd35m"
     a = _calibrate(models[fam], fam, plan_name="a", delta=0.5)
@@ -306,7 +347,8 @@ def test_node_schema_and_execute_with_clip_and_prompt_list(models, plans_dir):
     assert (inputs["sampler_name"].default, inputs["scheduler"].default) == ("euler", "simple")
     assert (inputs["width"].default, inputs["height"].default, inputs["steps"].default) == (1024, 1024, 28)
     assert inputs["overwrite"].default is False and inputs["plan_name"].default == "my_plan"
-    assert {k for k, i in inputs.items() if i.optional} == {"clip", "positive", "negative"}
+    assert {k for k, i in inputs.items() if i.optional} == {"clip", "positive", "negative", "fp8"}
+    assert inputs["fp8"].options == ["off", "on", "auto"] and inputs["fp8"].default == "off"  # API workflows: unchanged
     assert DFACalibrate in asyncio.run(DFAExtension().get_node_list())
 
     out = DFACalibrate.execute(

@@ -97,7 +97,9 @@ needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or _INTERP or
 def test_gpu_fp8_heads(B, H, T, N, D):
     windows = [(FULL, N // 16, N // 32, SKIP)[h % 4] for h in range(H)]
     quant = [(1, 1, 0, 1, 1, 0)[h % 6] for h in range(H)]
-    _check(B, H, T, N, D, windows, quant, torch.bfloat16, "cuda", seed=N + H, tol_emu=0.03, tol_exact=0.08)
+    # FP8 Q.K^T itself costs ~9 % relative L2 on these inputs (H200: 0.085-0.090); the kernel matches the reference
+    # of the scheme far closer (< 3 %, P's rounding in the online softmax)
+    _check(B, H, T, N, D, windows, quant, torch.bfloat16, "cuda", seed=N + H, tol_emu=0.03, tol_exact=0.12)
 
 
 @gpu

@@ -12,6 +12,8 @@ per timed call, side by side in one process:
   dfa_arrow8_<be>    the adapter with a uniform arrow/8 plan (engine backend "flex" or "triton")
   dfa_mixed_<be>     a third of the heads full, a third arrow/16, a third cached (repeated forwards hit the cache);
                      `_host`: the same with dense "host"
+  dfa_arrow8_fp8_triton / dfa_mixed_fp8_triton  the arrow/8 and mixed plans with their computed heads in FP8
+                     (e4m3 Q.K^T, issue 11)
   dfa_cacheheavy_<be>  full at the timed position, every head cached at the next (the cache holds every head of
                      every layer: the worst case for memory), cache on the GPU; `_cpu`: in pinned CPU memory
 
@@ -110,6 +112,12 @@ def main() -> int:
     mixed_plan = Plan(sig, tuple(
         PlanPosition(s_, tuple(LayerDecision.uniform(FULL, l.heads) if i == 0 else mixed for l in sig.layers))
         for i, s_ in enumerate(sigmas)), None, "mixed: 1/3 full, 1/3 arrow/16, 1/3 cache")
+    # the same mixes with their computed heads in FP8 (issue 11): full+fp8 and arrow/16+fp8 beside the cached third
+    mixed8 = LayerDecision(tuple(m.with_fp8() if m != CACHE else m for m in mixed.methods))
+    mixed8_plan = Plan(sig, tuple(
+        PlanPosition(s_, tuple(LayerDecision.uniform(FULL, l.heads) if i == 0 else mixed8 for l in sig.layers))
+        for i, s_ in enumerate(sigmas)), None, "mixed with FP8: 1/3 full+fp8, 1/3 arrow/16+fp8, 1/3 cache")
+    arrow8_fp8_plan = Plan.uniform(sig, sigmas, arrow(8, fp8=True), first_full=False, description="uniform arrow/8+fp8")
     cache_plan = Plan(sig, tuple(
         PlanPosition(s_, tuple(LayerDecision.uniform(FULL if i % 2 == 0 else CACHE, l.heads) for l in sig.layers))
         for i, s_ in enumerate(sigmas)), None, "cache-heavy: full, all cached, full (timed), all cached")
@@ -133,6 +141,9 @@ def main() -> int:
         runs[f"dfa_arrow8_{be}"] = standalone_run(m, arrow_plan, backend=be)
         runs[f"dfa_mixed_{be}"] = standalone_run(m, mixed_plan, backend=be)
         runs[f"dfa_mixed_{be}_host"] = standalone_run(m, mixed_plan, backend=be, dense="host")
+        if be == "triton":
+            runs["dfa_arrow8_fp8_triton"] = standalone_run(m, arrow8_fp8_plan, backend=be)
+            runs["dfa_mixed_fp8_triton"] = standalone_run(m, mixed8_plan, backend=be)
         runs[f"dfa_cacheheavy_{be}"] = standalone_run(m, cache_plan, backend=be, cache_offload="gpu")
         runs[f"dfa_cacheheavy_{be}_cpu"] = standalone_run(m, cache_plan, backend=be, cache_offload="cpu")
 

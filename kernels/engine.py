@@ -307,6 +307,18 @@ def headwise_attention(
         if why is not None:  # e.g. head_dim 96, float64, no CUDA: FlexAttention on CUDA, masked SDPA elsewhere
             chosen = _fallback_backend(d, q.dtype, device)
             _warn_once(f"the arrow kernel cannot run {why}; arrow heads run on {chosen} instead")
+    if chosen == "flex" and mask is not None:  # full heads run `dense` with the host's mask below: no blocks here
+        windows = tuple(WINDOW_SKIP if w == WINDOW_FULL else w for w in decision.windows(n_img))
+        block_mask = tables.block_mask(txt_len, seq, windows, device, refs)
+        try:
+            out = _flex_fn(device.type == "cuda")(q, k, v, score_mod=mask.score_mod(), block_mask=block_mask,
+                                                  scale=scale)
+        except Exception as exc:  # noqa: BLE001 - never raise inside the sampler
+            # Inductor may find no kernel config for a mask's score_mod (H200, bf16, a [B, 1, L, T] bias from a
+            # bool mask: "No valid triton configs", 240 KB of shared memory): run those heads on masked SDPA
+            _warn_once(f"FlexAttention could not compile this text-mask call ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:160]}); its arrow heads run on masked SDPA")
+            chosen = "sdpa"
     if chosen == "sdpa":
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         for factor, group in decision.arrow_groups:
@@ -316,15 +328,9 @@ def headwise_attention(
                 keep = mask.combined(keep, idx, q.dtype)
             out[:, idx] = _sdpa(q[:, idx], k[:, idx], v[:, idx], scale, keep)
     elif chosen == "flex":
-        windows = decision.windows(n_img)
         if mask is None:
-            block_mask = tables.block_mask(txt_len, seq, windows, device, refs)
+            block_mask = tables.block_mask(txt_len, seq, decision.windows(n_img), device, refs)
             out = _flex_fn(device.type == "cuda")(q, k, v, block_mask=block_mask, scale=scale)
-        else:  # full heads run `dense` with the host's mask below: no blocks for them here
-            windows = tuple(WINDOW_SKIP if w == WINDOW_FULL else w for w in windows)
-            block_mask = tables.block_mask(txt_len, seq, windows, device, refs)
-            out = _flex_fn(device.type == "cuda")(q, k, v, score_mod=mask.score_mod(), block_mask=block_mask,
-                                                  scale=scale)
     elif chosen == "triton":
         # One launch for full and arrow heads; the kernel leaves the skipped (cached) heads of `out` alone, so the
         # cached outputs are pasted first. With `full_by_dense` the full heads are skipped too and `dense` runs them.

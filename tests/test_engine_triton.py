@@ -89,3 +89,38 @@ def test_odd_lengths_match_reference_engine_on_cpu(t, n):
 def test_odd_lengths_match_reference_engine_on_gpu(t, n, d):
     check(2 if n == 129 else 1, 24 if d == 128 else 38, t, n, d, torch.bfloat16, "cuda", seed=t * 1009 + n + d,
           tol=1e-2, sd3=(t + n) % 2 == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERP or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs an FP8 GPU (sm89+)")
+@pytest.mark.parametrize("shape", [(1, 24, 512, 4096, 128), (2, 6, 77, 1000, 64)])
+def test_fp8_heads_through_the_engine_on_gpu(shape):
+    """A decision with FP8 heads: the engine hands the quant table to the kernel (its FP8 heads match the scheme's
+    reference), bf16 heads are exactly those of the same decision without FP8, cached heads are pasted."""
+    from dfav2.kernels import FULL_FP8
+    from dfav2.kernels.quant import fp8_attention_reference
+
+    b, h, t, n, d = shape
+    g = torch.Generator(device="cpu").manual_seed(h + n)
+    q, k, v = qkv(b, h, t + n, d, torch.bfloat16, "cuda", g)
+    pattern = [FULL_FP8, arrow(16, fp8=True), FULL, arrow(8), CACHE, arrow(32, fp8=True)]
+    decision = LayerDecision(tuple(pattern[i % len(pattern)] for i in range(h)))
+    stored = torch.randn(b, len(decision.cache_heads), t + n, d, generator=g).to("cuda", torch.bfloat16)
+    out, hit = headwise_attention(q, k, v, t, decision, cached=CachedHeads(decision.cache_heads, stored),
+                                  backend="triton")
+    plain, _ = headwise_attention(q, k, v, t, decision.unquantized, cached=CachedHeads(decision.cache_heads, stored),
+                                  backend="triton")
+    assert hit and torch.isfinite(out).all()
+    for hd in range(h):
+        m = decision.methods[hd]
+        if hd in decision.cache_heads:
+            assert torch.equal(out[:, hd], stored[:, decision.cache_heads.index(hd)])
+        elif m.fp8:
+            block_m = arrow_triton._default_config(q.device, d, q.dtype, t + n)["BLOCK_M"]
+            ref = fp8_attention_reference(q[:, hd:hd + 1], k[:, hd:hd + 1], v[:, hd:hd + 1], m.window(n), t,
+                                          q_block=block_m)
+            assert rel_err(out[:, hd:hd + 1], ref) < 0.03, (hd, m)
+            assert rel_err(out[:, hd], plain[:, hd]) > 1e-3  # really quantized, not the bf16 head
+        else:
+            assert torch.equal(out[:, hd], plain[:, hd]), (hd, m)

@@ -249,6 +249,34 @@ def test_dense_reason_of_masked_calls():
     assert r.kind == "mask" and "regional" in r
 
 
+def test_a_flex_compile_failure_falls_back_to_masked_sdpa(monkeypatch, caplog):
+    """Inductor can refuse a mask's score_mod (on an H200: bf16 with a bool mask's [B, 1, L, T] bias, "No valid
+    triton configs"): the call must not raise inside the sampler; its arrow heads run on masked SDPA, said once."""
+    import dfav2.kernels.engine as engine
+
+    def refuse(compiled):
+        def flex(*args, **kwargs):
+            raise RuntimeError("No valid triton configs. OutOfMemoryError: out of resource")
+        return flex
+
+    b, h, t, n = 2, 4, 7, 33
+    seq = t + n
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(b, h, seq, 16, generator=g) for _ in range(3))
+    mask = _random_mask("bool", "B1LL", b, h, t, seq, g)
+    tm = text_only_mask(mask, b, h, seq, t)
+    decision = LayerDecision((FULL, arrow(2), CACHE, arrow(4)))
+    cached = CachedHeads((2,), torch.randn(b, 1, seq, 16, generator=g))
+    want, _ = headwise_attention(q, k, v, t, decision, cached=cached, backend="sdpa", mask=tm)
+    monkeypatch.setattr(engine, "_flex_fn", refuse)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            out, hit = headwise_attention(q, k, v, t, decision, cached=cached, backend="flex", mask=tm)
+            assert hit and torch.equal(out, want)
+    assert sum("could not compile this text-mask call" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled FlexAttention with the score_mod)")
 @pytest.mark.parametrize("backend", ["auto", "flex", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -109,22 +109,24 @@ def _quant_fwd(Q, K, HQ, KM, Q8, K8, SQ, SK,
 
 
 @triton.jit
-def _load_v(V, v_base, start, offs_n, offs_d, svl, svd, L, vdesc, b, h,
-            BOUNDS: tl.constexpr, USE_TMA: tl.constexpr, FLAT: tl.constexpr, BLOCK_N: tl.constexpr,
-            HEAD_DIM: tl.constexpr):
+def _load_rows(X, base, start, offs_n, offs_d, sl, sd, L, desc, b, h,
+               BOUNDS: tl.constexpr, USE_TMA: tl.constexpr, FLAT: tl.constexpr, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Rows [start, start + BLOCK_N) of one head of K or V: by TMA (rows past L are zero-filled by the copy engine)
+    or by pointers (BOUNDS: masked to rows < L)."""
     if USE_TMA:
         if FLAT:
-            v = vdesc.load([b, start, h, 0]).reshape(BLOCK_N, HEAD_DIM)
+            x = desc.load([b, start, h, 0]).reshape(BLOCK_N, HEAD_DIM)
         else:
-            v = vdesc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            x = desc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
     else:
         rows = start + offs_n
-        v_ptrs = V + v_base + rows[:, None] * svl + offs_d[None, :] * svd
+        ptrs = X + base + rows[:, None] * sl + offs_d[None, :] * sd
         if BOUNDS:
-            v = tl.load(v_ptrs, mask=(rows < L)[:, None], other=0.0)
+            x = tl.load(ptrs, mask=(rows < L)[:, None], other=0.0)
         else:
-            v = tl.load(v_ptrs)
-    return v
+            x = tl.load(ptrs)
+    return x
 
 
 @triton.jit
@@ -132,25 +134,8 @@ def _load_kv(K, V, k_base, v_base, start, offs_n, offs_d, skl, skd, svl, svd, L,
              kdesc, vdesc, b, h,
              BOUNDS: tl.constexpr, USE_TMA: tl.constexpr, FLAT: tl.constexpr,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    if USE_TMA:
-        # out-of-range rows are zero-filled by the copy engine
-        if FLAT:
-            k = kdesc.load([b, start, h, 0]).reshape(BLOCK_N, HEAD_DIM)
-            v = vdesc.load([b, start, h, 0]).reshape(BLOCK_N, HEAD_DIM)
-        else:
-            k = kdesc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-            v = vdesc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-    else:
-        rows = start + offs_n
-        k_ptrs = K + k_base + rows[:, None] * skl + offs_d[None, :] * skd
-        v_ptrs = V + v_base + rows[:, None] * svl + offs_d[None, :] * svd
-        if BOUNDS:
-            ok = (rows < L)[:, None]
-            k = tl.load(k_ptrs, mask=ok, other=0.0)
-            v = tl.load(v_ptrs, mask=ok, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+    k = _load_rows(K, k_base, start, offs_n, offs_d, skl, skd, L, kdesc, b, h, BOUNDS, USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
+    v = _load_rows(V, v_base, start, offs_n, offs_d, svl, svd, L, vdesc, b, h, BOUNDS, USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
     return k, v
 
 
@@ -210,7 +195,8 @@ def _tile8(acc, l_i, m_i, q8, sq, K8, SK, kv8_base, sk_base, V, v_base, start, o
             k8 = tl.load(k_ptrs, mask=(kk < L)[:, None], other=0.0)
         else:
             k8 = tl.load(k_ptrs)
-    v = _load_v(V, v_base, start, offs_n, offs_d, svl, svd, L, vdesc, b, h, MASKED, USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
+    v = _load_rows(V, v_base, start, offs_n, offs_d, svl, svd, L, vdesc, b, h, MASKED, USE_TMA, FLAT, BLOCK_N,
+                   HEAD_DIM)
     if MASKED:
         scale = tl.load(SK + sk_base + kk, mask=kk < L, other=0.0) * sq
     else:

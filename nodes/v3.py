@@ -247,12 +247,13 @@ class DFACalibrate(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "fp8", options=list(FP8_MODES), default="off", optional=True,
-                    tooltip="Also offer FP8 variants of full and of each arrow candidate: the head's attention "
-                    "computed in FP8 (faster on FP8 GPUs, a small error that the calibration measures like any "
-                    "other and keeps within delta). off: no FP8 heads. on: offer them (a plan made on a machine "
-                    "without FP8 measures FP8 by emulation; such heads run in bf16 wherever the GPU has no FP8 "
-                    "tensor cores). auto: on when this GPU has FP8 tensor cores (RTX 40xx, L40, H100/H200 and "
-                    "newer). Optional, so workflows saved before this option keep working.",
+                    tooltip="Also offer FP8 variants of full and of each arrow candidate: the head's Q.K^T computed "
+                    "in FP8 (an error that the calibration measures like any other and keeps within delta). "
+                    "Today's kernel runs FP8 heads about 7 % slower than bf16 on an H200, and the cost model "
+                    "knows it, so on that GPU the search keeps bf16 heads: leave it off unless you are trying a "
+                    "faster FP8 kernel. off: no FP8 heads. on: offer them (a plan made without FP8 tensor cores "
+                    "measures FP8 by emulation; such heads run in bf16 on GPUs without FP8). auto: on when this "
+                    "GPU has FP8 tensor cores. Optional, so workflows saved before this option keep working.",
                     **adv,
                 ),
             ],

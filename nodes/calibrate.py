@@ -21,6 +21,7 @@ import torch
 from ..calibration.plan import CalibrationRecord, Plan, save_plan
 from ..calibration.prompts import parse_prompts
 from ..calibration.search import DEFAULT_CANDIDATES, DEFAULT_DELTA, ProgressiveCalibrator, SearchConfig, with_fp8
+from ..kernels import cost
 from ..kernels.engine import ArrowBackend
 from ..kernels.methods import CACHE, HeadMethod, arrow
 from ..kernels.quant import fp8_supported
@@ -328,7 +329,9 @@ def calibrate_plan_node(
     from .. import __version__ as pack_version
 
     device = comfy.model_management.get_torch_device() if fp8 == "auto" else None
-    config = SearchConfig(delta=float(delta), candidates=search_candidates(candidates, fp8, device))
+    # the FP8 factor is read per calibration (module attribute, not the dataclass default bound at import)
+    config = SearchConfig(delta=float(delta), candidates=search_candidates(candidates, fp8, device),
+                          fp8_cost_factor=cost.FP8_COST_FACTOR)
     # An existing file is either this very calibration (reused) or a refusal, decided before sampling; a file that
     # is not a plan fails here, before anything is encoded.
     start = time.perf_counter()

@@ -224,7 +224,7 @@ def test_calibrate_apply_ksampler_in_one_prompt(server):
     info = server.get("/object_info/DFACalibrate")["DFACalibrate"]
     assert info["display_name"] == "DiTFastAttnV2 Calibrate" and info["category"] == "model_patches/DiTFastAttnV2"
     assert info["output"] == ["DFA_PLAN", "STRING"]
-    assert {"clip", "positive", "negative"} == set(info["input"].get("optional", {}))
+    assert {"clip", "positive", "negative", "fp8"} == set(info["input"].get("optional", {}))
     family = "flux" if HS.host_support().flux_block_identity else "sd35m"
     name = f"srv_{family}"
     st = server.run(_calibrate_workflow(family=family, plan_name=name, delta=0.5, seed=0, prefix="cal0"))

@@ -9,6 +9,8 @@ per-head BlockMask, masked SDPA, or the Triton kernel), cached heads are pasted 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 from collections.abc import Callable, Hashable
@@ -23,6 +25,7 @@ from .cost import kept_pairs
 from .masks import TextMask, arrow_block_mask, arrow_keep, host_mask_4d
 from .methods import FULL, WINDOW_FULL, WINDOW_SKIP, LayerDecision, MethodKind
 from .offload import OffloadStore
+from .quant import fp8_attention_reference
 
 __all__ = [
     "ArrowBackend",
@@ -41,6 +44,7 @@ __all__ = [
     "headwise_attention",
     "available_backends",
     "fp8_blocked",
+    "emulate_fp8",
 ]
 
 log = logging.getLogger(__name__)
@@ -287,6 +291,10 @@ def headwise_attention(
         decision = LayerDecision(tuple(FULL if m.kind is MethodKind.CACHE else m for m in decision.methods))
     if decision.fp8_heads:
         fp8_why = fp8_blocked(q, k, v, backend, refs)
+        if fp8_why is not None and mask is None and _EMULATE_FP8.get():
+            out, emulated_hit = _fp8_emulated(q, k, v, txt_len, decision, cached, dense, backend, scale, tables,
+                                              full_by_dense, refs)
+            return out, hit and emulated_hit  # a cache miss was already resolved above (its heads now full)
         if fp8_why is not None:  # FP8 heads run their base method in q's dtype (an all-FP8-full layer: dense)
             decision = decision.unquantized
             _warn_once(f"{fp8_why}; FP8 heads run in {_DTYPE_NAMES.get(q.dtype, str(q.dtype).removeprefix('torch.'))}")
@@ -355,6 +363,43 @@ def headwise_attention(
         else:
             out[:, idx] = dense_fn(q[:, idx], k[:, idx], v[:, idx], idx)  # type: ignore[call-arg]
     _paste_cached(out, decision, cached, tables, device)
+    return out, hit
+
+
+#: Set by `emulate_fp8` (a ContextVar: per thread / task, off by default).
+_EMULATE_FP8: contextvars.ContextVar[bool] = contextvars.ContextVar("dfav2_emulate_fp8", default=False)
+
+
+@contextlib.contextmanager
+def emulate_fp8(on: bool = True):
+    """Within the block, FP8 heads that cannot run in FP8 here (`fp8_blocked`: CPU, older GPUs, another backend) are
+    computed by the exact emulation `fp8_attention_reference` instead of in the inputs' dtype, so that applying a
+    plan on such a machine shows FP8's error. For measurements (the fidelity study's ``fp8`` item) and tests only:
+    the emulation computes every score in float32 and is far slower than the kernel. Where the FP8 kernel runs,
+    nothing changes; calls with a host mask (`mask`) keep their bf16 fallback, as the calibration measures them.
+    Off by default; DFAApply never sets it."""
+    token = _EMULATE_FP8.set(bool(on))
+    try:
+        yield
+    finally:
+        _EMULATE_FP8.reset(token)
+
+
+def _fp8_emulated(q, k, v, txt_len, decision, cached, dense, backend, scale, tables, full_by_dense, refs
+                  ) -> tuple[torch.Tensor, bool]:
+    """`headwise_attention` of `decision` with its FP8 heads emulated (`emulate_fp8`): the other heads as usual,
+    then each FP8 group overwritten by `fp8_attention_reference` (the calibrator's `_run` does the same)."""
+    if len(decision.fp8_heads) == decision.heads:
+        out, hit = torch.empty_like(q), True
+    else:
+        out, hit = headwise_attention(q, k, v, txt_len, decision.unquantized, cached=cached, dense=dense,
+                                      backend=backend, scale=scale, tables=tables, full_by_dense=full_by_dense,
+                                      refs=refs)
+    n_img = q.shape[2] - txt_len - sum(refs)
+    for m, heads in decision.fp8_groups:
+        idx = tables.index(heads, q.device)
+        out[:, idx] = fp8_attention_reference(q[:, idx], k[:, idx], v[:, idx], m.window(n_img), txt_len,
+                                              scale=scale, refs=refs)
     return out, hit
 
 

@@ -11,6 +11,11 @@
      random head assignment with the calibrated plan's method histogram;
    - transfer: the plan calibrated at the study setting applied at 2x resolution, other step counts and another
      sampler, against a plan calibrated in that setting.
+   - fp8 (issue 11): the head-wise delta sweep with three candidate sets -- sparsity alone (the default candidates),
+     joint with the FP8 variants at the measured cost factor (`FP8_COST_FACTOR`), and joint at a hypothetical factor
+     (`HYPOTHETICAL_FP8_FACTOR`, a future FP8 kernel) -- applied with FP8 heads emulated where FP8 cannot run
+     (`kernels.engine.emulate_fp8`: exactly `fp8_attention_reference`, so a CPU run measures FP8's error too),
+     compared at equal modeled attention time (`time_kept` at each set's factor).
 
 Writes `<out>/study.json` (after every item, so a partial run keeps what it measured) and PNG plots. Items are run
 most-important first under a time budget; skipped items are listed in the JSON.
@@ -37,6 +42,9 @@ CAL_SEED, EVAL_SEED, NOISE_SEED = 1000, 2000, 5000
 DELTAS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5)
 MATCH_DELTAS = (0.2, 0.4, 1.0)  # calibrated plans whose FLOPs the baselines match
 TRANSFER_DELTA = 0.4
+FP8_DELTAS = (0.1, 0.2, 0.4, 0.7, 1.0)
+#: FP8 cost factor of a hypothetical FP8 kernel (~1.7x a bf16 pair's speed); the measured one is FP8_COST_FACTOR.
+HYPOTHETICAL_FP8_FACTOR = 0.6
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=int, default=32, help="evaluation prompts")
     p.add_argument("--deltas", default=",".join(map(str, DELTAS)))
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting new items after this many seconds")
-    p.add_argument("--skip", default="", help="comma-separated items to skip: structure,layerwise,baselines,transfer")
+    p.add_argument("--fp8-deltas", default=",".join(map(str, FP8_DELTAS)), help="deltas of the fp8 item's sweeps")
+    p.add_argument("--fp8-series", default="sparsity,measured,hypothetical",
+                   help="the fp8 item's candidate sets: sparsity (default candidates), measured (joint with FP8 at "
+                        "FP8_COST_FACTOR), hypothetical (joint at HYPOTHETICAL_FP8_FACTOR)")
+    p.add_argument("--skip", default="",
+                   help="comma-separated items to skip: structure,headwise,layerwise,baselines,transfer,fp8")
     p.add_argument("--out", default="study_out")
     p.add_argument("--cpu", action="store_true")
     return p
@@ -148,17 +161,25 @@ class _Study:
         self.refs[setting] = imgs
         return dict(setting=list(setting), wall_s=round(wall, 3), accuracy=scenes.score(imgs, self.ev))
 
-    def calibrate(self, delta: float, setting: tuple, granularity: str = "head") -> Any:
-        from ..calibration.search import SearchConfig
+    def calibrate(self, delta: float, setting: tuple, granularity: str = "head", fp8_factor: float | None = None
+                  ) -> Any:
+        """DFACalibrate's search on the calibration prompts; `fp8_factor`: with the FP8 variants of the default
+        candidates (`with_fp8`), weighed by this cost factor."""
+        from ..calibration.search import DEFAULT_CANDIDATES, SearchConfig, with_fp8
         from ..nodes.calibrate import calibrate_dfa
 
         res, steps, sampler = setting
         caps = [s.caption for s in self.cal]
+        config = SearchConfig(delta=float(delta), granularity=granularity)  # type: ignore[arg-type]
+        desc = f"reference {self.name}, delta {delta} ({granularity})"
+        if fp8_factor is not None:
+            config = SearchConfig(delta=float(delta), candidates=with_fp8(DEFAULT_CANDIDATES),
+                                  fp8_cost_factor=float(fp8_factor))
+            desc += f", fp8 at cost factor {fp8_factor}"
         return calibrate_dfa(
             self.mp, positive=models.conditioning(self.name, caps), negative=models.conditioning(self.name, [""] * len(caps)),
             width=res, height=res, steps=steps, cfg=self.spec.cfg, sampler_name=sampler, scheduler="simple",
-            seed=CAL_SEED, config=SearchConfig(delta=float(delta), granularity=granularity),  # type: ignore[arg-type]
-            guidance=self.spec.guidance, description=f"reference {self.name}, delta {delta} ({granularity})",
+            seed=CAL_SEED, config=config, guidance=self.spec.guidance, description=desc,
         ).plan
 
     def measure(self, plan: Any, setting: tuple, label: str) -> dict:
@@ -229,6 +250,76 @@ def random_assignment(plan: Any, seed: int) -> Any:
             j += dec.heads
         rows.append(row)
     return _plan_with(plan, rows)
+
+
+def fp8_row(st: _Study, plan: Any, setting: tuple, label: str, factor: float | None, reuse: dict | None = None
+            ) -> tuple[dict, Any]:
+    """`measure` with FP8 heads emulated where FP8 cannot run (`emulate_fp8`), plus the cost model's attention time
+    kept (tile-granular, FP8 pairs weighed by `factor`, and at both study factors) and the FP8 shares. `reuse`: an
+    already measured row of a plan without FP8 heads (the emulation changes nothing there)."""
+    from ..calibration.cli import time_kept
+    from ..kernels.cost import FP8_COST_FACTOR
+    from ..kernels.engine import emulate_fp8
+
+    res = setting[0]
+    if reuse is not None:
+        row, imgs = {k: v for k, v in reuse.items() if k not in ("delta", "calibration_s")}, None
+        row["label"] = label
+    else:
+        with emulate_fp8():
+            row, imgs = st.measure(plan, setting, label)
+    txt = text.encode_text([s.caption for s in st.ev])[0].shape[1]
+
+    def kept(f: float) -> float:
+        return time_kept(plan, width=res, height=res, txt_len=txt, tile=_tile(plan), fp8_factor=f)
+
+    counts = plan.method_counts()
+    fp8_dense = kept(2.0) - kept(1.0)  # tile FLOPs computed in FP8, as a share of dense (time is linear in f)
+    row.update(
+        fp8_cost_factor=factor, time_kept=round(kept(factor if factor is not None else 1.0), 4),
+        time_kept_at={str(f): round(kept(f), 4) for f in (FP8_COST_FACTOR, HYPOTHETICAL_FP8_FACTOR)},
+        fp8_head_share=round(sum(n for m, n in counts.items() if m.endswith("+fp8")) / sum(counts.values()), 4),
+        fp8_flops_share=round(fp8_dense / row["flops_kept_tile"], 4) if row["flops_kept_tile"] else 0.0,
+    )
+    return row, imgs
+
+
+def _same_methods(a: Any, b: Any) -> bool:
+    """Two plans with the same method for every (position, layer, head)."""
+    return len(a.positions) == len(b.positions) and all(
+        [d.methods for d in pa.layers] == [d.methods for d in pb.layers] for pa, pb in zip(a.positions, b.positions))
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float | None:
+    """Piecewise-linear y(x) through the points sorted by x; None outside their range."""
+    pts = sorted(zip(xs, ys))
+    if not pts or x < pts[0][0] - 1e-9 or x > pts[-1][0] + 1e-9:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[0][1]
+
+
+def fp8_compare(series: dict[str, list[dict]]) -> list[dict]:
+    """Each joint point against the sparsity-alone curve at the same modeled time (linear interpolation of PSNR and
+    SSIM in `time_kept`; points outside the sparsity curve's time range are listed without a difference)."""
+    base = series.get("sparsity", [])
+    xs = [r["time_kept"] for r in base]
+    rows = []
+    for key, pts in series.items():
+        if key == "sparsity":
+            continue
+        for r in pts:
+            p = _interp(xs, [b["psnr"] for b in base], r["time_kept"])
+            q = _interp(xs, [b["ssim"] for b in base], r["time_kept"])
+            rows.append(dict(series=key, delta=r["delta"], time_kept=r["time_kept"], psnr=r["psnr"], ssim=r["ssim"],
+                             fp8_head_share=r["fp8_head_share"],
+                             sparsity_psnr=None if p is None else round(p, 3),
+                             sparsity_ssim=None if q is None else round(q, 4),
+                             d_psnr=None if p is None else round(r["psnr"] - p, 3),
+                             d_ssim=None if q is None else round(r["ssim"] - q, 4)))
+    return rows
 
 
 def _closest(cands: list[tuple[Any, Any]], target: float, key: Any) -> Any:
@@ -309,6 +400,45 @@ def run_model(name: str, a: argparse.Namespace, out: dict, deadline: float, save
                                         transferred=moved, direct=direct))
             del st.refs[setting]
             save()
+    from ..kernels.cost import FP8_COST_FACTOR
+    from ..kernels.quant import fp8_supported
+
+    fp8_deltas = [float(x) for x in a.fp8_deltas.split(",") if x]
+    series: dict[str, list[dict]] = {"sparsity": [], f"fp8 x{FP8_COST_FACTOR:g}": [],
+                                     f"fp8 x{HYPOTHETICAL_FP8_FACTOR:g} (hypothetical)": []}
+    rec["fp8"] = dict(deltas=fp8_deltas, measured_factor=FP8_COST_FACTOR, hypothetical_factor=HYPOTHETICAL_FP8_FACTOR,
+                      apply=("FP8 kernel" if fp8_supported(mp.load_device) else
+                             "FP8 heads emulated with fp8_attention_reference (no FP8 tensor cores here)"),
+                      series=series)
+    wanted = {x for x in a.fp8_series.split(",") if x}
+    factors = {key: f for key, f, name in zip(series, (None, FP8_COST_FACTOR, HYPOTHETICAL_FP8_FACTOR),
+                                              ("sparsity", "measured", "hypothetical")) if name in wanted}
+    rec["fp8"]["series_not_run"] = [key for key in series if key not in factors]
+    # the sparsity curve also takes the headwise sweep's other deltas (> 0): measured already, they cost nothing more
+    for d in sorted(set(fp8_deltas) | ({x for x in plans if x > 0} if None in factors.values() else set())):
+        sparse_plan = None
+        for key, factor in factors.items():
+            free = factor is None and d in plans  # taken even past the time budget
+            if not free and (d not in fp8_deltas or not due(f"fp8 {key} {d}")):
+                continue
+            reuse = None
+            if factor is None and d in plans:
+                plan = sparse_plan = plans[d]
+                reuse = next(r for r in rec["headwise"] if r["delta"] == d)
+                cal_s = reuse["calibration_s"]
+            else:
+                t0 = time.perf_counter()
+                plan = st.calibrate(d, base, fp8_factor=factor)
+                cal_s = round(time.perf_counter() - t0, 3)
+                if factor is None:
+                    sparse_plan = plan
+                elif sparse_plan is not None and _same_methods(plan, sparse_plan):
+                    reuse = next(r for r in series["sparsity"] if r["delta"] == d)  # same plan: no FP8 head chosen
+            row, _ = fp8_row(st, plan, base, f"{key}, delta {d}", factor, reuse)
+            row.update(delta=d, calibration_s=cal_s, same_plan_as_sparsity=reuse is not None and factor is not None)
+            series[key].append(row)
+            rec["fp8"]["compare"] = fp8_compare(series)
+            save()
     return pics
 
 
@@ -352,6 +482,32 @@ def plot(out: dict, folder: Path) -> list[Path]:
     files.append(folder / "pareto.png")
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
+
+    names_f = [n for n in names if any(out[n].get("fp8", {}).get("series", {}).values())]
+    if names_f:
+        fig, axes = plt.subplots(2, len(names_f), figsize=(5.2 * len(names_f), 7), squeeze=False)
+        for j, n in enumerate(names_f):
+            f8 = out[n]["fp8"]
+            for k, (metric, ylabel) in enumerate((("psnr", "PSNR vs uncompressed (dB)"), ("ssim", "SSIM vs uncompressed"))):
+                ax = axes[k][j]
+                for (key, rows), style, colour in zip(f8["series"].items(), ("o-", "s--", "^:"), ("C0", "C1", "C2")):
+                    rows = sorted(rows, key=lambda x: x["time_kept"])
+                    if not rows:
+                        continue
+                    ax.plot([x["time_kept"] for x in rows], [x[metric] for x in rows], style, color=colour, label=key)
+                    for x in rows:
+                        tag = f"δ{x['delta']:g}" + (f" fp8 {x['fp8_head_share']:.0%}" if x["fp8_head_share"] else "")
+                        ax.annotate(tag, (x["time_kept"], x[metric]), fontsize=6, textcoords="offset points",
+                                    xytext=(3, 3))
+                ax.set_xlabel("modeled attention time kept (tiles, FP8 pairs x factor)")
+                ax.set_ylabel(ylabel)
+                ax.set_title(f"{n}: sparsity alone vs joint with FP8", fontsize=9)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        files.append(folder / "fp8.png")
+        fig.savefig(files[-1], dpi=80)
+        plt.close(fig)
 
     names_s = [n for n in names if "structure" in out[n]]
     if names_s:

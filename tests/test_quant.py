@@ -365,6 +365,39 @@ def test_engine_runs_fp8_heads_as_their_base_method_on_cpu(monkeypatch, caplog, 
     assert hit and len(said) == 1 and "FP8 heads run in bf16" in said[0], said
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_emulate_fp8_runs_fp8_heads_through_the_reference_only_inside_the_block(dtype):
+    """`engine.emulate_fp8` (the fidelity study's apply-time switch): inside it, FP8 heads equal
+    `fp8_attention_reference` of their window and the other heads (cached ones included, from the cache) are
+    unchanged; outside it, and after it, FP8 heads run their base method in the inputs' dtype."""
+    t, seq, h = 5, 45, 6
+    q, k, v = realistic(2, h, seq, 16, dtype, seed=21)
+    dec = LayerDecision((FULL_FP8, arrow(8, fp8=True), FULL, arrow(4), arrow(8, fp8=True), CACHE))
+    cached = engine.CachedHeads((5,), torch.randn(2, 1, seq, 16).to(dtype))
+    plain, hit = headwise_attention(q, k, v, t, dec, cached=cached, backend="sdpa")
+    want_plain, _ = headwise_attention(q, k, v, t, dec.unquantized, cached=cached, backend="sdpa")
+    assert hit and torch.equal(plain, want_plain)
+    n = seq - t
+    with engine.emulate_fp8():
+        got, hit = headwise_attention(q, k, v, t, dec, cached=cached, backend="sdpa")
+        all_fp8, _ = headwise_attention(q, k, v, t, LayerDecision.uniform(arrow(8, fp8=True), h), backend="sdpa")
+        _, miss = headwise_attention(q, k, v, t, dec, backend="sdpa")  # no cache: the cached head runs full
+        with engine.emulate_fp8(False):
+            off, _ = headwise_attention(q, k, v, t, dec, cached=cached, backend="sdpa")
+    assert hit and not miss and torch.equal(off, plain)
+    windows = dec.windows(n)
+    for hd in range(h):
+        if dec.methods[hd].fp8:
+            ref = fp8_attention_reference(q[:, hd:hd + 1], k[:, hd:hd + 1], v[:, hd:hd + 1], windows[hd], t)
+            torch.testing.assert_close(got[:, hd:hd + 1], ref, rtol=0, atol=0)
+            assert not torch.equal(got[:, hd], plain[:, hd])  # the emulation changes what the head computes
+        else:
+            assert torch.equal(got[:, hd], plain[:, hd])
+    torch.testing.assert_close(all_fp8, fp8_attention_reference(q, k, v, windows[1], t), rtol=0, atol=0)
+    after, _ = headwise_attention(q, k, v, t, dec, cached=cached, backend="sdpa")
+    assert torch.equal(after, plain)  # the switch is off again after the block
+
+
 def test_all_fp8_full_layer_on_cpu_is_dense_attention():
     q, k, v = realistic(1, 3, 30, 16, torch.float32, seed=13)
     calls = []
@@ -429,3 +462,17 @@ def test_fp8_cost_is_kept_pairs_times_the_factor(tile, factor):
     assert decision_flops(geo, dec, tile)[0] == (head_cost(geo, FULL, tile) + head_cost(geo, arrow(8), tile)) * 4 * 64
     with pytest.raises(ValueError, match="fp8_factor"):
         head_cost(geo, FULL_FP8, fp8_factor=0.0)
+
+
+def test_fp8_study_compares_joint_points_with_the_sparsity_curve_at_equal_time():
+    """refmodels/study.py's fp8 item: a joint point is compared with the sparsity-alone curve interpolated linearly in
+    modeled time; outside the curve's time range there is no difference."""
+    from dfav2.refmodels.study import _interp, fp8_compare
+
+    assert _interp([0.2, 0.6], [20.0, 30.0], 0.5) == pytest.approx(27.5) and _interp([0.2, 0.6], [1, 2], 0.7) is None
+    sparse = [dict(time_kept=0.6, psnr=30.0, ssim=0.96), dict(time_kept=0.2, psnr=20.0, ssim=0.80)]
+    joint = [dict(delta=0.1, time_kept=0.5, psnr=29.0, ssim=0.95, fp8_head_share=0.3),
+             dict(delta=1.0, time_kept=0.1, psnr=18.0, ssim=0.7, fp8_head_share=0.5)]
+    rows = fp8_compare({"sparsity": sparse, "fp8 x0.6": joint})
+    assert rows[0]["sparsity_psnr"] == 27.5 and rows[0]["d_psnr"] == 1.5 and rows[0]["d_ssim"] == pytest.approx(0.03)
+    assert rows[1]["d_psnr"] is None and rows[1]["series"] == "fp8 x0.6"

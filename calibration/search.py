@@ -9,8 +9,8 @@ compressed output is returned, so later layers and steps calibrate on inputs tha
 upstream compression. Previous outputs wait in pinned CPU memory, not on the GPU.
 
 FP8 candidates (`with_fp8`: full+fp8, arrow/f+fp8) are measured the same way, against the dense output of the
-head: through the FP8 kernel where it runs (`fp8_blocked` is None), else with the exact emulation
-`kernels.quant.fp8_attention_reference`, so a calibration on CPU or an older GPU still measures (and feeds forward)
+head: through the FP8 kernel where it runs, else with the exact emulation (`kernels.engine.emulate_fp8`, i.e.
+`kernels.quant.fp8_attention_reference`), so a calibration on CPU or an older GPU still measures (and feeds forward)
 the FP8 error; their cost is the kept pairs times `SearchConfig.fp8_cost_factor`.
 """
 
@@ -35,12 +35,11 @@ from ..kernels.engine import (
     EngineStats,
     KernelTables,
     call_cost,
-    fp8_blocked,
+    emulate_fp8,
     headwise_attention,
 )
 from ..kernels.methods import CACHE, FULL, FULL_FP8, HeadMethod, LayerDecision, MethodKind, arrow
 from ..kernels.offload import OffloadStore
-from ..kernels.quant import fp8_attention_reference
 from .knapsack import HEAD_CAP_FACTOR, solve_layer, solve_layer_uniform
 from .metric import head_rse
 from .plan import CalibrationRecord, ModelSignature, Plan, PlanPosition
@@ -222,22 +221,11 @@ class ProgressiveCalibrator:
              refs: tuple[int, ...], cached: CachedHeads | None = None,
              dense: DenseFn | None = None, mask=None) -> tuple[torch.Tensor, bool]:
         """`headwise_attention` of `dec`, except that where FP8 cannot run its FP8 heads are emulated exactly
-        (`fp8_attention_reference`) instead of running in bf16: the search measures FP8's error on any machine.
-        Calls with a text-only mask run FP8 heads in bf16 when applied (the fused kernel takes no mask), so they are
-        measured that way here too."""
-        if not dec.fp8_heads or mask is not None or fp8_blocked(q, k, v, self.backend, refs) is None:
+        (`emulate_fp8`) instead of running in bf16: the search measures FP8's error on any machine. Calls with a
+        text-only mask run FP8 heads in bf16 when applied (the fused kernel takes no mask), and are measured so."""
+        with emulate_fp8():
             return headwise_attention(q, k, v, txt_len, dec, cached=cached, dense=dense, backend=self.backend,
                                       tables=self.tables, refs=refs, mask=mask)
-        if len(dec.fp8_heads) == dec.heads:  # a uniform FP8 candidate: nothing else to compute
-            out, hit = torch.empty_like(q), True
-        else:
-            out, hit = headwise_attention(q, k, v, txt_len, dec.unquantized, cached=cached, dense=dense,
-                                          backend=self.backend, tables=self.tables, refs=refs)
-        n_img = q.shape[2] - txt_len - sum(refs)
-        for m, heads in dec.fp8_groups:
-            idx = self.tables.index(heads, q.device)
-            out[:, idx] = fp8_attention_reference(q[:, idx], k[:, idx], v[:, idx], m.window(n_img), txt_len, refs=refs)
-        return out, hit
 
     def plan(self, record: CalibrationRecord | None = None, description: str = "") -> Plan:
         """The plan of the pass so far. Layers never seen at a position stay full."""

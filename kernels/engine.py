@@ -388,7 +388,7 @@ def emulate_fp8(on: bool = True):
 def _fp8_emulated(q, k, v, txt_len, decision, cached, dense, backend, scale, tables, full_by_dense, refs
                   ) -> tuple[torch.Tensor, bool]:
     """`headwise_attention` of `decision` with its FP8 heads emulated (`emulate_fp8`): the other heads as usual,
-    then each FP8 group overwritten by `fp8_attention_reference` (the calibrator's `_run` does the same)."""
+    then each FP8 group overwritten by `fp8_attention_reference` (the calibrator measures FP8 candidates so)."""
     if len(decision.fp8_heads) == decision.heads:
         out, hit = torch.empty_like(q), True
     else:

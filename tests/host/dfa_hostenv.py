@@ -274,6 +274,36 @@ def schedule_sigmas(model, steps: int = 4) -> list[float]:
     return [float(s) for s in comfy.samplers.calculate_sigmas(ms, "simple", steps)]
 
 
+# ------------------------------------------------------------------------------------------- patched models
+
+
+def last_summary(model):
+    """The run summary DFAApply recorded on `model` (a patched ModelPatcher) for its last sampling run."""
+    from dfav2.nodes import adapter
+
+    s = model.model_options["transformer_options"][adapter.TO_PATCH].last_summary
+    assert s is not None, "no sampling run was recorded"
+    return s
+
+
+def need_flux() -> None:
+    """Skip the test where this host has no Flux block identity."""
+    import pytest
+
+    from dfav2.nodes import host
+
+    if host.host_support().flux_error() is not None:
+        pytest.skip(f"ComfyUI {host_version()} has no Flux block identity (needs >= {host.MIN_HOST_FLUX})")
+
+
+def plan_pair(model):
+    """(all-full plan, arrow + cache plan) for `model` at the default schedule."""
+    from dfav2.nodes import layouts
+
+    sig, sigmas = layouts.model_signature(model), schedule_sigmas(model)
+    return all_full_plan(sig, sigmas), arrow_cache_plan(sig, sigmas)
+
+
 # ------------------------------------------------------------------------------------------- plans
 
 

@@ -16,7 +16,6 @@ from dfav2.nodes import adapter as A  # noqa: E402
 from dfav2.nodes import host as HS  # noqa: E402
 from dfav2.nodes import hooks as K  # noqa: E402
 from dfav2.nodes import layouts as Ly  # noqa: E402
-from dfav2.nodes import router as R  # noqa: E402
 
 FAMILIES = ("flux", "sd3", "sd35m")
 SAMPLERS = ("euler", "heun", "dpmpp_2m", "dpmpp_sde")
@@ -29,18 +28,6 @@ def _flux_ok() -> bool:
 def _need(family):
     if family == "flux" and not _flux_ok():
         pytest.skip(f"ComfyUI {H.host_version()} has no Flux block identity (needs >= {HS.MIN_HOST_FLUX}); see test_version_gate")
-
-
-def _summary(model) -> R.RunSummary:
-    s = model.model_options["transformer_options"][A.TO_PATCH].last_summary
-    assert s is not None, "no sampling run was recorded"
-    return s
-
-
-def _plans(model):
-    sig = Ly.model_signature(model)
-    sigmas = H.schedule_sigmas(model)
-    return H.all_full_plan(sig, sigmas), H.arrow_cache_plan(sig, sigmas)
 
 
 def test_signatures(models):
@@ -61,13 +48,13 @@ def test_plans_on_host_ksampler(models, family, sampler, cfg):
     """all-full plan: bit-identical latent; arrow+cache plan: completes, differs, cache hits as the plan says."""
     _need(family)
     model = models[family]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     ref = H.ksample(model, family, sampler=sampler, cfg=cfg)
 
     full = A.apply_dfa(model, plan=full_plan)
     out = H.ksample(full, family, sampler=sampler, cfg=cfg)
     assert torch.equal(out, ref), f"all-full plan changed the latent (max diff {(out - ref).abs().max().item()})"
-    s = _summary(full)
+    s = H.last_summary(full)
     assert s.fallbacks == {} and s.attention_calls == len(s.forwards) * len(full_plan.model.layers)
     assert len(s.forwards) == (7 if sampler in ("heun", "dpmpp_sde") else 4)
 
@@ -75,7 +62,7 @@ def test_plans_on_host_ksampler(models, family, sampler, cfg):
     out = H.ksample(ac, family, sampler=sampler, cfg=cfg)
     assert torch.isfinite(out).all()
     assert not torch.equal(out, ref)
-    s = _summary(ac)
+    s = H.last_summary(ac)
     assert s.fallbacks == {}
     hits, misses = H.expected_cache_counts(ac_plan, s.forwards)
     assert hits > 0
@@ -86,7 +73,7 @@ def test_plans_on_host_ksampler(models, family, sampler, cfg):
 
 def test_disabled_is_the_input_model(models):
     model = models["sd3"]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     assert A.apply_dfa(model, plan=ac_plan, enabled=False) is model
     from dfav2.nodes.v3 import DFAApply
 
@@ -99,13 +86,13 @@ def test_disabled_is_the_input_model(models):
 def test_batch_two(models, family):
     _need(family)
     model = models[family]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     ref = H.ksample(model, family, cfg=3.5, batch=2)
     assert ref.shape[0] == 2
     assert torch.equal(H.ksample(A.apply_dfa(model, plan=full_plan), family, cfg=3.5, batch=2), ref)
     ac = A.apply_dfa(model, plan=ac_plan)
     out = H.ksample(ac, family, cfg=3.5, batch=2)
-    s = _summary(ac)
+    s = H.last_summary(ac)
     assert not torch.equal(out, ref) and s.fallbacks == {}
     assert all(f.cache_key[2] == 4 for f in s.forwards)  # cond + uncond of 2 images in one call
     assert (s.cache_hits, s.cache_misses) == H.expected_cache_counts(ac_plan, s.forwards)
@@ -118,14 +105,14 @@ def test_resolutions(models, family, size):
     _need(family)
     width, height = size
     model = models[family]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     ref = H.ksample(model, family, width=width, height=height, steps=3)
     assert ref.shape[-2:] == (height // 8, width // 8)
     full = A.apply_dfa(model, plan=full_plan)
     assert torch.equal(H.ksample(full, family, width=width, height=height, steps=3), ref)
     ac = A.apply_dfa(model, plan=ac_plan)
     out = H.ksample(ac, family, width=width, height=height, steps=3)
-    s = _summary(ac)
+    s = H.last_summary(ac)
     assert s.fallbacks == {}, s.fallbacks
     assert s.engine_calls > 0 and not torch.equal(out, ref)
     assert (s.cache_hits, s.cache_misses) == H.expected_cache_counts(ac_plan, s.forwards)
@@ -136,13 +123,13 @@ def test_cond_uncond_of_different_text_lengths(models, family):
     """Different text lengths force separate cond / uncond forwards; each keeps its own cache."""
     _need(family)
     model = models[family]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     kw = dict(cfg=3.5, pos_tokens=300 if family == "flux" else 154, neg_tokens=40)
     ref = H.ksample(model, family, **kw)
     assert torch.equal(H.ksample(A.apply_dfa(model, plan=full_plan), family, **kw), ref)
     ac = A.apply_dfa(model, plan=ac_plan)
     H.ksample(ac, family, **kw)
-    s = _summary(ac)
+    s = H.last_summary(ac)
     assert s.fallbacks == {}
     assert len(s.forwards) == 8 and len({f.cache_key for f in s.forwards}) == 2
     assert all(f.cache_key[2] == 1 for f in s.forwards)
@@ -161,7 +148,7 @@ def test_override_fallbacks_are_exact_and_warned_once(models, caplog):
 
     func = attention.attention_basic.__wrapped__  # the undecorated backend, as wrap_attn hands it over
     model = models["flux"]
-    _, ac_plan = _plans(model)
+    _, ac_plan = H.plan_pair(model)
     base = A.standalone_run(model, ac_plan, backend="sdpa")
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(1, 16, 32, 32)
@@ -198,7 +185,7 @@ def test_chaining_previous_and_later_overrides(models):
     """An override installed before DFAApply serves the dense heads; one installed after it is chained too."""
     _need("flux")
     model = models["flux"]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     ref = H.ksample(model, "flux")
 
     class Counting:
@@ -217,17 +204,17 @@ def test_chaining_previous_and_later_overrides(models):
     m.model_options.setdefault("transformer_options", {})[K.SLOT] = before
     patched = A.apply_dfa(m, plan=full_plan)
     assert torch.equal(H.ksample(patched, "flux"), ref)
-    assert before.calls == _summary(patched).attention_calls == 24
+    assert before.calls == H.last_summary(patched).attention_calls == 24
     before.calls = 0
     patched = A.apply_dfa(m, plan=ac_plan)
     H.ksample(patched, "flux")
-    assert before.calls > 0 and _summary(patched).engine_calls > 0
+    assert before.calls > 0 and H.last_summary(patched).engine_calls > 0
 
     after = Counting()  # a non-chaining node placed after DFAApply takes the slot
     later = A.apply_dfa(model, plan=full_plan).clone()
     later.model_options["transformer_options"][K.SLOT] = after
     assert torch.equal(H.ksample(later, "flux"), ref)
-    assert after.calls == 24 and _summary(later).attention_calls == 24
+    assert after.calls == 24 and H.last_summary(later).attention_calls == 24
 
 
 def test_two_patched_models_do_not_interfere(models):
@@ -244,7 +231,7 @@ def test_two_patched_models_do_not_interfere(models):
     out_a2 = H.ksample(a, "flux", cfg=3.5)
     assert torch.equal(out_a1, out_a2) and not torch.equal(out_a1, out_b1)
     for m, plan in ((a, plan_a), (b, plan_b)):
-        s = _summary(m)
+        s = H.last_summary(m)
         assert (s.cache_hits, s.cache_misses) == H.expected_cache_counts(plan, s.forwards)
     assert K.SLOT not in model.model_options.get("transformer_options", {})
     import comfy.patcher_extension
@@ -255,10 +242,10 @@ def test_two_patched_models_do_not_interfere(models):
 @pytest.mark.parametrize("start,end", [(0.5, 1.0), (0.0, 0.5)])
 def test_percent_range(models, start, end):
     model = models["sd3"]
-    _, ac_plan = _plans(model)
+    _, ac_plan = H.plan_pair(model)
     ac = A.apply_dfa(model, plan=ac_plan, start_percent=start, end_percent=end)
     H.ksample(ac, "sd3", steps=4)
-    s = _summary(ac)
+    s = H.last_summary(ac)
     ms = model.get_model_object("model_sampling")
     lo = float(ms.percent_to_sigma(end)) if end < 1 else -1.0
     hi = float(ms.percent_to_sigma(start)) if start > 0 else 2.0
@@ -269,7 +256,7 @@ def test_percent_range(models, start, end):
 
 
 def test_apply_errors(models):
-    sd3_plan, _ = _plans(models["sd3"])
+    sd3_plan, _ = H.plan_pair(models["sd3"])
     with pytest.raises(ValueError, match="start_percent"):
         A.apply_dfa(models["sd3"], plan=sd3_plan, start_percent=0.8, end_percent=0.2)
     with pytest.raises(ValueError) as err:
@@ -288,7 +275,7 @@ def test_version_gate(models):
     support = HS.host_support()
     assert support.override  # both test hosts have the override hook
     if not support.flux_block_identity:  # the real old host: Flux is refused with the version, SD3 works
-        plan, _ = _plans(models["sd3"])
+        plan, _ = H.plan_pair(models["sd3"])
         sig = Ly.model_signature(models["flux"])
         flux_plan = H.all_full_plan(sig, H.schedule_sigmas(models["flux"]))
         with pytest.raises(RuntimeError, match=r"0\.3\.75"):
@@ -305,7 +292,7 @@ def test_nodes_execute_with_plan_files(models, tmp_path, monkeypatch):
 
     monkeypatch.setitem(folder_paths.folder_names_and_paths, P.FOLDER, ([str(tmp_path)], {".json"}))
     model = models["sd3"]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     save_plan(ac_plan, tmp_path / "sd3_ac.json")
     (tmp_path / "notes.txt").write_text("not a plan")
     schema = DFAApply.define_schema()
@@ -354,7 +341,7 @@ def test_calibration_pass_then_apply_reproduces_it(models, family, sampler, cfg)
     patched = A.apply_dfa(model, plan=res.plan)
     out = H.ksample(patched, family, sampler=sampler, cfg=cfg)
     assert torch.equal(out, res.samples)
-    s = _summary(patched)
+    s = H.last_summary(patched)
     assert s.fallbacks == {} and (s.cache_hits, s.cache_misses) == H.expected_cache_counts(res.plan, s.forwards)
 
 
@@ -366,7 +353,7 @@ def test_run_that_differs_from_the_calibration_warns_once(models, caplog):
     from dfav2.calibration.plan import CalibrationRecord
 
     model = models["sd3"]
-    full_plan, _ = _plans(model)
+    full_plan, _ = H.plan_pair(model)
     record = CalibrationRecord(
         delta=0.4, candidates=("full", "cache"), prompts=1, steps=28, sampler="euler", scheduler="simple", cfg=1.0,
         guidance=None, width=1024, height=1024, txt_len=154, seed=0, host_version="test", pack_version="test",

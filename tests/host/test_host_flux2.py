@@ -33,12 +33,6 @@ def flux2(host, tmp_path_factory):
     return comfy.sd.load_diffusion_model(str(path))
 
 
-def _summary(model):
-    s = model.model_options["transformer_options"][A.TO_PATCH].last_summary
-    assert s is not None, "no sampling run was recorded"
-    return s
-
-
 def test_flux2_layout_comes_from_the_models_latent_format(flux2):
     assert type(flux2.model).__name__ == "Flux2"
     layout = Ly.model_layout(flux2)
@@ -56,13 +50,13 @@ def test_flux2_all_full_is_bit_exact_and_a_mixed_plan_compresses(flux2):
     assert ref.shape == (1, 128, SIZE // 16, SIZE // 16)
     full = A.apply_dfa(flux2, plan=H.all_full_plan(sig, sigmas))
     assert torch.equal(H.ksample(full, "flux2", width=SIZE, height=SIZE), ref)
-    s = _summary(full)
+    s = H.last_summary(full)
     assert s.fallbacks == {} and s.attention_calls == len(s.forwards) * 3 and s.heads["full"] > 0
 
     plan = H.arrow_cache_plan(sig, sigmas)
     ac = A.apply_dfa(flux2, plan=plan)
     out = H.ksample(ac, "flux2", width=SIZE, height=SIZE)
-    s = _summary(ac)
+    s = H.last_summary(ac)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
     assert s.fallbacks == {} and s.heads["arrow"] > 0 and s.heads["cache"] > 0
     assert (s.cache_hits, s.cache_misses) == H.expected_cache_counts(plan, s.forwards)
@@ -97,6 +91,6 @@ def test_flux2_calibrate_then_apply(flux2, tmp_path, monkeypatch, caplog):
         out = H.ksample(patched, "flux2", width=SIZE, height=SIZE, seed=3)
     assert torch.equal(out, res.samples), (out - res.samples).abs().max()
     assert not [r for r in caplog.records if r.name.startswith("dfav2")], [r.getMessage() for r in caplog.records]
-    s = _summary(patched)
+    s = H.last_summary(patched)
     assert s.fallbacks == {} and (s.cache_hits, s.cache_misses) == H.expected_cache_counts(res.plan, s.forwards)
     assert s.heads["full"] < sum(s.heads.values()) and s.flops_saved > 0.0

@@ -18,23 +18,6 @@ import torch  # noqa: E402
 from dfav2.nodes import adapter as A  # noqa: E402
 from dfav2.nodes import hooks as K  # noqa: E402
 from dfav2.nodes import host as HS  # noqa: E402
-from dfav2.nodes import layouts as Ly  # noqa: E402
-
-
-def _need_flux():
-    if HS.host_support().flux_error() is not None:
-        pytest.skip(f"ComfyUI {H.host_version()} has no Flux block identity (needs >= {HS.MIN_HOST_FLUX})")
-
-
-def _summary(model):
-    s = model.model_options["transformer_options"][A.TO_PATCH].last_summary
-    assert s is not None, "no sampling run was recorded"
-    return s
-
-
-def _plans(model):
-    sig, sigmas = Ly.model_signature(model), H.schedule_sigmas(model)
-    return H.all_full_plan(sig, sigmas), H.arrow_cache_plan(sig, sigmas)
 
 
 # ------------------------------------------------------------------------------------ Model Attention Backend
@@ -72,9 +55,9 @@ def test_model_attention_backend_in_either_order(models, family, attention_backe
     """Before or after DFAApply, ModelAttentionBackend serves the full heads and DFA routes every call: the same
     latents in both orders, bit-identical to the backend alone with an all-full plan; said once per run."""
     if family == "flux":
-        _need_flux()
+        H.need_flux()
     model = models[family]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     ref = H.ksample(model, family, cfg=3.5)
     alone = H.ksample(attention_backend(model), family, cfg=3.5)
     n_layers = len(full_plan.model.layers)
@@ -91,7 +74,7 @@ def test_model_attention_backend_in_either_order(models, family, attention_backe
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="dfav2.nodes"):
                 outs[plan_name, order] = H.ksample(m, family, cfg=3.5)
-            s = _summary(m)
+            s = H.last_summary(m)
             assert s.fallbacks == {} and s.attention_calls == 4 * n_layers, s.line()
             assert s.dense_by == "Model Attention Backend (attention_pytorch)", s.dense_by
             notes = [r.getMessage() for r in caplog.records if "routes every attention call" in r.getMessage()]
@@ -150,9 +133,9 @@ def test_sparse_attention_protocol_in_either_order(models, family, caplog):
     the plan silently. DFA re-takes the top per forward and chains it: in either order DFA sees every call (no
     missed calls), the sparse override serves exactly the full heads, and an all-full plan equals sparse alone."""
     if family == "flux":
-        _need_flux()
+        H.need_flux()
     model = models[family]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     n_layers = len(full_plan.model.layers)
     sparse = SparseStandIn()
     alone = H.ksample(sparse.apply(model), family)
@@ -165,7 +148,7 @@ def test_sparse_attention_protocol_in_either_order(models, family, caplog):
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="dfav2.nodes"):
                 outs[plan_name, order] = H.ksample(m, family)
-            s = _summary(m)
+            s = H.last_summary(m)
             assert s.fallbacks == {} and s.attention_calls == 4 * n_layers, s.line()
             assert s.dense_by and "SparseStandIn" in s.dense_by
             assert len([r for r in caplog.records if "routes every attention call" in r.getMessage()]) == 1
@@ -186,9 +169,9 @@ def test_real_sparse_attention_node_in_either_order(models):
     except ImportError:
         pytest.skip(f"ComfyUI {H.host_version()} has no Model Sparse Attention node (added after 0.33, PR #16072); "
                     "test_sparse_attention_protocol_in_either_order covers its slot protocol")
-    _need_flux()
+    H.need_flux()
     model = models["flux"]
-    full_plan, _ = _plans(model)
+    full_plan, _ = H.plan_pair(model)
 
     def sparse(m):
         return apply_block_sparse_attention(m, tau=1.3, topk_ratio=0.0, vsa=False, start_percent=0.0, end_percent=1.0,
@@ -198,7 +181,7 @@ def test_real_sparse_attention_node_in_either_order(models):
     ref = H.ksample(model, "flux")
     for m in (A.apply_dfa(sparse(model), plan=full_plan), sparse(A.apply_dfa(model, plan=full_plan))):
         assert torch.equal(H.ksample(m, "flux"), ref)
-        s = _summary(m)
+        s = H.last_summary(m)
         assert s.fallbacks == {} and s.dense_by == "Model Sparse Attention"
 
 
@@ -210,9 +193,9 @@ def test_override_objects_never_expose_container_function(models):
     have none, so they always get plain tensors, also when they chain an override that has one."""
     import comfy.ldm.modules.attention as attention
 
-    _need_flux()
+    H.need_flux()
     model = models["flux"]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     patched = A.apply_dfa(model, plan=ac_plan)
     assert not hasattr(patched.model_options["transformer_options"][K.SLOT], "container_function")
 
@@ -258,7 +241,7 @@ def test_preferred_attention_mode_and_warning(models, monkeypatch, caplog):
     monkeypatch.setattr(A, "host_support", lambda: fake)
     monkeypatch.setattr(A, "_PREFERRED_WARNED", [])
     model = models["sd3"]
-    full_plan, _ = _plans(model)
+    full_plan, _ = H.plan_pair(model)
     with caplog.at_level(logging.WARNING, logger="dfav2.nodes"):
         A.apply_dfa(model, plan=full_plan)
         A.apply_dfa(model, plan=full_plan)

@@ -52,12 +52,6 @@ def refs(*sides):
     return [torch.randn(1, 16, h, w, generator=g) for h, w in sides]
 
 
-def _summary(model):
-    s = model.model_options["transformer_options"][A.TO_PATCH].last_summary
-    assert s is not None
-    return s
-
-
 @pytest.mark.parametrize("sides", [((32, 32),), ((32, 32), (20, 26))], ids=["one", "two"])
 def test_reference_latents_are_compressed(models, sides, caplog):
     model = models["flux"]
@@ -69,7 +63,7 @@ def test_reference_latents_are_compressed(models, sides, caplog):
     with caplog.at_level(logging.WARNING, logger="dfav2"):
         patched = A.apply_dfa(model, plan=plan, backend="sdpa")
         out = ksample_ref(patched, *lat)
-    s = _summary(patched)
+    s = H.last_summary(patched)
     assert not [r for r in caplog.records if r.name.startswith("dfav2") and r.levelno >= logging.WARNING]
     assert torch.isfinite(out).all() and not torch.equal(out, dense)
     assert s.fallbacks == {} and s.engine_calls == s.attention_calls == 4 * len(sig.layers)
@@ -94,7 +88,7 @@ def test_all_full_plan_is_bit_identical_with_a_reference(models):
     patched = A.apply_dfa(model, plan=full)
     out = ksample_ref(patched, *lat, cfg=3.5)
     assert torch.equal(out, ref)
-    s = _summary(patched)
+    s = H.last_summary(patched)
     assert s.fallbacks == {} and s.heads["full"] > 0 and s.heads["arrow"] == s.heads["cache"] == 0
 
 
@@ -119,5 +113,5 @@ def test_calibration_with_a_reference_makes_a_plan_that_apply_reproduces(models)
 
     out = nodes.common_ksampler(patched, 0, 4, 1.0, "euler", "simple", pos, neg, H.empty_latent(RES, RES))[0]["samples"]
     assert torch.equal(out, res.samples)
-    s = _summary(patched)
+    s = H.last_summary(patched)
     assert s.fallbacks == {} and s.heads["arrow"] + s.heads["cache"] > 0

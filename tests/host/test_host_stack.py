@@ -14,28 +14,10 @@ import torch  # noqa: E402
 
 from dfav2.nodes import adapter as A  # noqa: E402
 from dfav2.nodes import hooks as K  # noqa: E402
-from dfav2.nodes import host as HS  # noqa: E402
-from dfav2.nodes import layouts as Ly  # noqa: E402
-
-
-def _need_flux():
-    if HS.host_support().flux_error() is not None:
-        pytest.skip(f"ComfyUI {H.host_version()} has no Flux block identity (needs >= {HS.MIN_HOST_FLUX})")
-
-
-def _summary(model):
-    s = model.model_options["transformer_options"][A.TO_PATCH].last_summary
-    assert s is not None, "no sampling run was recorded"
-    return s
-
-
-def _plans(model):
-    sig, sigmas = Ly.model_signature(model), H.schedule_sigmas(model)
-    return H.all_full_plan(sig, sigmas), H.arrow_cache_plan(sig, sigmas)
 
 
 def _check_mixed(model, plan, out, ref, *, fallbacks=None, skipped=None):
-    s = _summary(model)
+    s = H.last_summary(model)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
     assert s.fallbacks == (fallbacks or {}), s.line()
     assert s.engine_calls > 0 and s.heads["arrow"] > 0 and s.heads["cache"] > 0
@@ -68,7 +50,7 @@ def test_torch_compile_before_and_after(models, order):
     from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
 
     model = models["sd35m"]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     ref = H.ksample(model, "sd35m")
     uncompiled = H.ksample(A.apply_dfa(model, plan=ac_plan), "sd35m")
 
@@ -81,7 +63,7 @@ def test_torch_compile_before_and_after(models, order):
     assert full.get_wrappers(pe.WrappersMP.APPLY_MODEL, COMPILE_KEY)
     assert full.get_wrappers(pe.WrappersMP.APPLY_MODEL, K.WRAPPER_KEY)
     assert torch.equal(H.ksample(full, "sd35m"), ref)
-    assert _summary(full).fallbacks == {}
+    assert H.last_summary(full).fallbacks == {}
     mixed = stack(ac_plan)
     out = H.ksample(mixed, "sd35m")
     _check_mixed(mixed, ac_plan, out, ref)
@@ -92,7 +74,7 @@ def test_torch_compile_node_inductor_after_dfa(models):
     """The node itself with its default backend (inductor, a C++ build on CPU: about a minute) after DFAApply: the
     mixed plan runs compiled, with the plan's cache counts, close to the uncompiled patched model."""
     model = models["sd3"]
-    _, ac_plan = _plans(model)
+    _, ac_plan = H.plan_pair(model)
     ref = H.ksample(model, "sd3")
     uncompiled = H.ksample(A.apply_dfa(model, plan=ac_plan), "sd3")
     compiled = _compile(A.apply_dfa(model, plan=ac_plan), "inductor")
@@ -140,7 +122,7 @@ def model_folders(tmp_path, monkeypatch):
 def test_lora_model_only(models, model_folders):
     """LoraLoaderModelOnly before or after DFAApply: all-full + LoRA is bit-identical to the LoRA alone; the mixed
     plan with the LoRA compresses and differs from the mixed plan without it."""
-    _need_flux()
+    H.need_flux()
     import nodes
 
     model = models["flux"]
@@ -149,7 +131,7 @@ def test_lora_model_only(models, model_folders):
     def lora(m):
         return nodes.LoraLoaderModelOnly().load_lora_model_only(m, "tiny_flux_lora.safetensors", 1.0)[0]
 
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     ref = H.ksample(model, "flux")
     with_lora = H.ksample(lora(model), "flux")
     assert not torch.equal(with_lora, ref)  # the LoRA changes the model
@@ -166,7 +148,7 @@ def test_lora_model_only(models, model_folders):
 def test_fp8_weights(models, tiny_paths, model_folders):
     """UNETLoader with weight_dtype fp8_e4m3fn: all-full bit-identical to the unpatched fp8 model; the mixed plan
     compresses (the plan's signature and the weights fingerprint read fp8 weights)."""
-    _need_flux()
+    H.need_flux()
     import shutil
 
     import nodes
@@ -174,11 +156,11 @@ def test_fp8_weights(models, tiny_paths, model_folders):
     shutil.copy(tiny_paths["flux"], model_folders["diffusion_models"] / "tiny_flux.safetensors")
     fp8 = nodes.UNETLoader().load_unet("tiny_flux.safetensors", "fp8_e4m3fn")[0]
     assert fp8.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
-    full_plan, ac_plan = _plans(fp8)
+    full_plan, ac_plan = H.plan_pair(fp8)
     ref = H.ksample(fp8, "flux")
     assert not torch.equal(ref, H.ksample(models["flux"], "flux"))  # fp8 weights do change the result
     full = A.apply_dfa(fp8, plan=full_plan)
-    assert torch.equal(H.ksample(full, "flux"), ref) and _summary(full).fallbacks == {}
+    assert torch.equal(H.ksample(full, "flux"), ref) and H.last_summary(full).fallbacks == {}
     mixed = A.apply_dfa(fp8, plan=ac_plan)
     _check_mixed(mixed, ac_plan, H.ksample(mixed, "flux"), ref)
 
@@ -197,7 +179,7 @@ def test_skip_layer_guidance_sd3(models):
         return out.args[0] if hasattr(out, "args") else out[0]
 
     model = models["sd3"]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     ref = H.ksample(model, "sd3", cfg=3.5)
     with_slg = H.ksample(slg(model), "sd3", cfg=3.5)
     assert not torch.equal(with_slg, ref)
@@ -205,7 +187,7 @@ def test_skip_layer_guidance_sd3(models):
     for stack in (lambda p: A.apply_dfa(slg(model), plan=p), lambda p: slg(A.apply_dfa(model, plan=p))):
         full = stack(full_plan)
         assert torch.equal(H.ksample(full, "sd3", cfg=3.5), with_slg)
-        assert _summary(full).fallbacks == expected
+        assert H.last_summary(full).fallbacks == expected
         mixed = stack(ac_plan)
         s = _check_mixed(mixed, ac_plan, H.ksample(mixed, "sd3", cfg=3.5), with_slg, fallbacks=expected)
         assert len(s.forwards) == 8
@@ -214,7 +196,7 @@ def test_skip_layer_guidance_sd3(models):
 def test_skip_layer_guidance_dit_on_flux(models):
     """Core SkipLayerGuidanceDiT on the tiny Flux: blocks keep their identity, so the SLG pass is routed; its skipped
     blocks count as missed calls and it keeps its own head cache (a replaced block changes later layers' outputs)."""
-    _need_flux()
+    H.need_flux()
     from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
 
     def slg(m):
@@ -223,12 +205,12 @@ def test_skip_layer_guidance_dit_on_flux(models):
         return out.args[0] if hasattr(out, "args") else out[0]
 
     model = models["flux"]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     with_slg = H.ksample(slg(model), "flux", cfg=3.5)
     expected = {"missed calls": 4 * 2}  # per step: one SLG pass without 2 of 6 blocks
     full = A.apply_dfa(slg(model), plan=full_plan)
     assert torch.equal(H.ksample(full, "flux", cfg=3.5), with_slg)
-    assert _summary(full).fallbacks == expected
+    assert H.last_summary(full).fallbacks == expected
     mixed = A.apply_dfa(slg(model), plan=ac_plan)
     s = _check_mixed(mixed, ac_plan, H.ksample(mixed, "flux", cfg=3.5), with_slg, fallbacks=expected,
                      skipped=lambda f: {1, 4} if len(f.cache_key) > 3 else set())  # double.1, single.2 in SLG passes
@@ -244,7 +226,7 @@ def test_multigpu_cfg_split_composes(models, order):
     no clone and sampling takes the ordinary path: this checks that the stack composes (DFA's patch survives the
     node, all-full exact, mixed plan compresses). The split itself (threads, a clone per GPU, per-device state)
     needs two GPUs: test_multigpu_cfg_split_on_two_gpus."""
-    _need_flux()
+    H.need_flux()
     try:
         from comfy_extras.nodes_multigpu import MultiGPUCFGSplitNode
     except ImportError:
@@ -254,7 +236,7 @@ def test_multigpu_cfg_split_composes(models, order):
         return MultiGPUCFGSplitNode.execute(m, 2).args[0]
 
     model = models["flux"]
-    full_plan, ac_plan = _plans(model)
+    full_plan, ac_plan = H.plan_pair(model)
     ref = H.ksample(model, "flux", cfg=3.5)
 
     def stack(plan):
@@ -280,7 +262,7 @@ def test_multigpu_cfg_split_on_two_gpus(models):
         pytest.skip("not verified: the split across devices (cond and uncond in threads, a model clone and DFA state "
                     "per GPU) needs 2 CUDA GPUs and a ComfyUI started without --cpu; the host tests run in-process on "
                     "CPU, where the node adds no clone (test_multigpu_cfg_split_composes)")
-    _need_flux()
+    H.need_flux()
     spec = importlib.util.spec_from_file_location("dfav2_check_multigpu", H.PACK_ROOT / "bench" / "check_multigpu.py")
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)

@@ -52,12 +52,6 @@ def sample(model, pos, *, width=256, height=256, cfg=1.0, sampler="euler"):
     return nodes.common_ksampler(model, 0, 4, cfg, sampler, "simple", pos, neg, latent)[0]["samples"]
 
 
-def _summary(model):
-    s = model.model_options["transformer_options"][A.TO_PATCH].last_summary
-    assert s is not None
-    return s
-
-
 def _no_dfa_warnings(caplog):
     return not [r for r in caplog.records if r.name.startswith("dfav2") and r.levelno >= logging.WARNING]
 
@@ -81,7 +75,7 @@ def test_all_full_plan_is_bit_identical_with_a_text_mask(models, caplog):
         patched = A.apply_dfa(model, plan=full)
         out = sample(patched, pos, cfg=3.5)
     assert torch.equal(out, ref) and _no_dfa_warnings(caplog)
-    s = _summary(patched)
+    s = H.last_summary(patched)
     assert s.fallbacks == {} and s.heads["full"] > 0 and s.heads["arrow"] == s.heads["cache"] == 0
 
 
@@ -94,7 +88,7 @@ def test_mixed_plan_runs_text_masked_calls_compressed(models, caplog):
     with caplog.at_level(logging.WARNING, logger="dfav2"):
         patched = A.apply_dfa(model, plan=plan, backend="sdpa")
         out = sample(patched, pos)
-    s = _summary(patched)
+    s = H.last_summary(patched)
     assert _no_dfa_warnings(caplog)
     layers = len(sig.layers)
     assert s.fallbacks == {} and s.engine_calls == s.attention_calls == 4 * layers
@@ -120,7 +114,7 @@ def test_arrow_heads_apply_the_text_mask(models):
     dense = sample(model, pos, width=32, height=8)
     patched = A.apply_dfa(model, plan=plan, backend="sdpa")
     out = sample(patched, pos, width=32, height=8)
-    s = _summary(patched)
+    s = H.last_summary(patched)
     assert s.fallbacks == {} and s.heads["arrow"] == s.heads["full"] == 4 * len(sig.layers)
     assert s.text_mask_calls == 4 * len(sig.layers)
     torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-4)
@@ -147,5 +141,5 @@ def test_calibration_with_a_text_mask_makes_a_plan_that_apply_reproduces(models)
 
     out = nodes.common_ksampler(patched, 0, 4, 1.0, "euler", "simple", pos, neg, H.empty_latent(256, 256))[0]["samples"]
     assert torch.equal(out, res.samples)
-    s = _summary(patched)
+    s = H.last_summary(patched)
     assert s.fallbacks == {} and s.heads["arrow"] + s.heads["cache"] > 0 and s.text_mask_calls > 0

@@ -19,7 +19,6 @@ from dfav2.calibration.plan import save_plan  # noqa: E402
 from dfav2.nodes import adapter as A  # noqa: E402
 from dfav2.nodes import hooks as K  # noqa: E402
 from dfav2.nodes import host as HS  # noqa: E402
-from dfav2.nodes import layouts as Ly  # noqa: E402
 from dfav2.refmodels import models as RM  # noqa: E402
 
 
@@ -57,11 +56,6 @@ def _untouched(model):
     assert K.SLOT not in to and A.TO_PATCH not in to and K.TO_RUN not in to
 
 
-def _plans(model):
-    sig, sigmas = Ly.model_signature(model), H.schedule_sigmas(model)
-    return H.all_full_plan(sig, sigmas), H.arrow_cache_plan(sig, sigmas)
-
-
 @pytest.mark.parametrize("family", ["flux", "sd35m"])
 def test_plan_info_returns_the_picture_as_an_image(models, family, plans_dir):
     import folder_paths
@@ -73,7 +67,7 @@ def test_plan_info_returns_the_picture_as_an_image(models, family, plans_dir):
     schema = DFAPlanInfo.define_schema()
     assert schema.node_id == "DFAPlanInfo" and schema.is_output_node and all(i.tooltip for i in schema.inputs)
     assert DFAPlanInfo in asyncio.run(DFAExtension().get_node_list())
-    _, plan = _plans(models[family])
+    _, plan = H.plan_pair(models[family])
     save_plan(plan, plans_dir / "p.json")
     for kw in (dict(plan="p.json"), dict(plan="none", dfa_plan=plan)):
         out = DFAPlanInfo.execute(**kw)
@@ -114,7 +108,7 @@ def test_compare_with_an_all_full_plan_gives_identical_images(models, family, cf
     assert (inputs["steps"].default, inputs["cfg"].default, inputs["denoise"].default) == (20, 8.0, 1.0)
     assert {k for k, i in inputs.items() if i.optional} == {"dfa_plan"}
     model = models[family]
-    full, _ = _plans(model)
+    full, _ = H.plan_pair(model)
     out = _compare(model, family, full, cfg=cfg)
     unc, comp, diff, report = out.args
     assert unc.shape == (1, 256, 256, 3) and torch.equal(unc, comp) and diff.abs().max() == 0
@@ -134,7 +128,7 @@ def test_compare_with_a_compressed_plan_differs_by_finite_amounts(models, family
     from dfav2.calibration.quality import psnr_ssim
 
     model = models[family]
-    _, ac = _plans(model)
+    _, ac = H.plan_pair(model)
     latent = H.empty_latent(*size, batch=batch)
     out = _compare(model, family, ac, latent_image=latent, cfg=3.5, seed=3)
     unc, comp, diff, report = out.args
@@ -162,7 +156,7 @@ def test_compare_on_the_trained_reference_model_reports_real_differences():
 
     name = "sd35m"
     model = RM.load(name)
-    _, ac = _plans(model)
+    _, ac = H.plan_pair(model)
     caps = [s.caption for s in scenes.sample_scenes(2, 2000)]
     out = _compare(model, name, ac, positive=RM.conditioning(name, caps), negative=RM.conditioning(name, ["", ""]),
                    latent_image=H.empty_latent(256, 256, batch=2), cfg=RM.SPECS[name].cfg, steps=4, seed=5)
@@ -177,7 +171,7 @@ def test_compare_refuses_a_wrong_plan_or_a_patched_model_before_sampling(models)
     _need("flux")
     import comfy.utils
 
-    _, flux_plan = _plans(models["flux"])
+    _, flux_plan = H.plan_pair(models["flux"])
     calls = []
     hook = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(lambda *a, **k: calls.append(a))

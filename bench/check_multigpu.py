@@ -15,7 +15,7 @@ engine per GPU, both serving calls and cache hits, each cache hit served from a 
 cache counts and no dense fallbacks; d (split) is within max(--atol, 2 * |a - b|) of d_single.
 
     . .devenv/env.sh; python3 bench/check_multigpu.py $OUT/check_multigpu.json    # >= 2 CUDA GPUs
-    COMFYUI_PATH=... python3 bench/check_multigpu.py --cpu-smoke /tmp/x.json      # the script itself, on CPU
+    COMFYUI_PATH=... python3 bench/check_multigpu.py --cpu-smoke smoke.json       # the script itself, on CPU
 
 With fewer than 2 CUDA GPUs (and no --cpu-smoke) it says so and exits 0. --cpu-smoke runs everything with ComfyUI
 on CPU and a fake second device ("cpu:0" in ComfyUI's device list): the split's clone, threads and cond/uncond

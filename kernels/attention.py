@@ -21,7 +21,6 @@ Forward only (inference): there is no autograd formula.
 """
 
 import functools
-import inspect
 import logging
 import math
 import os
@@ -169,32 +168,18 @@ def _warn_fp8_once(why: str, dtype: torch.dtype) -> None:
         log.warning("DiTFastAttnV2: %s; FP8 heads run in %s (warned once)", why, name)
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel_takes_quant() -> bool:
-    """Whether this pack's Triton entry point has the FP8 path (its `head_quant` keyword); asked once."""
-    try:
-        from .arrow_triton import arrow_attention_triton
-    except ImportError:
-        return False
-    return "head_quant" in inspect.signature(arrow_attention_triton).parameters
-
-
 @functools.lru_cache(maxsize=64)
 def _fp8_reason(device: torch.device) -> Optional[str]:
     """Why the kernel cannot compute FP8 heads on `device` (None: it can), given that it runs the call. Cached per
     device: the hot path of every call with a quant table."""
-    if not fp8_supported(device):
-        return "no FP8 tensor cores here"
-    if not _kernel_takes_quant():
-        return "the arrow kernel of this pack has no FP8 path yet"
-    return None
+    return None if fp8_supported(device) else "no FP8 tensor cores here"
 
 
 def fp8_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                     layout: str = "bhld") -> Optional[str]:
     """Why FP8 heads of this call would not run in FP8 (None: `arrow_attention` with `head_quant` runs them in FP8):
     the kernel cannot take the call (`kernel_unsupported`), the device has no FP8 tensor cores (CPU, CUDA compute
-    capability < 8.9; `quant.fp8_supported`), or the kernel has no FP8 path. From shapes and devices only."""
+    capability < 8.9; `quant.fp8_supported`). From shapes and devices only."""
     why = kernel_unsupported(q, k, v, heads, layout)
     if why is not None:
         return f"the arrow kernel cannot run {why}"

@@ -275,24 +275,18 @@ def test_op_runs_fp8_heads_in_bf16_on_cpu_with_one_warning(monkeypatch, caplog):
         assert not [r for r in caplog.records if "FP8" in r.getMessage()]
 
 
-@pytest.mark.parametrize("case", ["fp8", "old_gpu", "kernel_without_fp8"])
+@pytest.mark.parametrize("case", ["fp8", "old_gpu"])
 def test_op_hands_head_quant_to_the_kernel_only_where_fp8_runs(monkeypatch, caplog, case):
     """The Triton path with the kernel stood in for: the quant table reaches `arrow_attention_triton(head_quant=)`
-    on an FP8 GPU whose kernel takes it; on a GPU below compute capability 8.9, or with a kernel that has no
-    `head_quant` yet, the call runs without it (bf16) and says so once."""
+    on an FP8 GPU; on a GPU below compute capability 8.9 the call runs without it (bf16) and says so once."""
     at = pytest.importorskip("dfav2.kernels.arrow_triton")
     seen = []
 
-    if case == "kernel_without_fp8":
-        def fake(q, k, v, head_window, txt_len, *, layout="bhld", sm_scale=None, out=None, zero_skip=False):
-            seen.append(None)
-    else:
-        def fake(q, k, v, head_window, txt_len, *, layout="bhld", sm_scale=None, out=None, zero_skip=False,
-                 head_quant=None):
-            seen.append(None if head_quant is None else head_quant.tolist())
+    def fake(q, k, v, head_window, txt_len, *, layout="bhld", sm_scale=None, out=None, zero_skip=False,
+             head_quant=None):
+        seen.append(None if head_quant is None else head_quant.tolist())
 
     monkeypatch.setattr(at, "arrow_attention_triton", fake)
-    api._kernel_takes_quant.cache_clear()
     api._fp8_reason.cache_clear()
     monkeypatch.setattr(api, "_warned", set())
     monkeypatch.setattr(api, "fp8_supported", lambda device: case != "old_gpu")
@@ -305,14 +299,13 @@ def test_op_hands_head_quant_to_the_kernel_only_where_fp8_runs(monkeypatch, capl
                 api._execute(q, k, v, table, 3, "bhld", None, torch.empty_like(q), True, None, quant)
             api._execute(q, k, v, table, 3, "bhld", None, torch.empty_like(q), True, None, None)
     finally:
-        api._kernel_takes_quant.cache_clear()
         api._fp8_reason.cache_clear()
     said = [r.getMessage() for r in caplog.records if "FP8" in r.getMessage()]
     if case == "fp8":
         assert seen == [[1, 0, 1], [1, 0, 1], None] and not said
     else:
         assert seen == [None, None, None] and len(said) == 1 and "FP8 heads run in bf16" in said[0]
-        assert ("no FP8 tensor cores" if case == "old_gpu" else "no FP8 path yet") in said[0]
+        assert "no FP8 tensor cores" in said[0]
 
 
 def test_op_head_quant_errors_name_the_problem():

@@ -253,17 +253,10 @@ VARIANTS = [  # config switches of the one kernel, D = 128 (timed with CUDA-grap
     # (persistent walks, head-order switches) left the kernel on 2026-11-28: kernels/NOTES.md has their numbers.
     ("ws_off", dict(WS=False)),
     ("tma_off", dict(TMA=False)),
-    ("pipe3", dict(PIPE=3)),
-    ("pipe3_min8", dict(PIPE=3, PIPE_MIN=8)),
-    ("pipe3_s2", dict(PIPE=3, num_stages=2)),
-    ("pipe2_s2", dict(PIPE=2, num_stages=2)),
-    ("pipe2_s2_min8", dict(PIPE=2, num_stages=2, PIPE_MIN=8)),
 ]
 VARIANTS_D64 = [
     ("tma_off", dict(TMA=False)),
     ("bm128", dict(BLOCK_M=128, num_warps=8)),
-    ("pipe3", dict(PIPE=3)),
-    ("pipe2", dict(PIPE=2)),
 ]
 
 

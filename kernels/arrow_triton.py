@@ -180,98 +180,6 @@ def _tile(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
 
 
 @triton.jit
-def _scores(q, K, k_base, start, offs_n, offs_d, skl, skd, L, kdesc, b, h,
-            USE_TMA: tl.constexpr, FLAT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Q.K^T of one interior key tile (no bounds)."""
-    k = _load_rows(K, k_base, start, offs_n, offs_d, skl, skd, L, kdesc, b, h, False, USE_TMA, FLAT, BLOCK_N,
-                   HEAD_DIM)
-    return tl.dot(q, tl.trans(k))
-
-
-@triton.jit
-def _softmax_step(s, acc, l_i, m_i, qk_scale, p_dtype: tl.constexpr):
-    """Online-softmax update for the scores `s` of one tile: (P in p_dtype, acc rescaled, l, m)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    return p.to(p_dtype), acc, l_i, m_new
-
-
-@triton.jit
-def _unmasked_start(j, nu1, u2, BLOCK_N: tl.constexpr):
-    return j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
-
-
-@triton.jit
-def _interior_pipelined(acc, l_i, m_i, q, K, V, k_base, v_base, nu, nu1, u2, offs_n, offs_d, skl, skd, svl, svd,
-                        L, qk_scale, kdesc, vdesc, b, h,
-                        USE_TMA: tl.constexpr, FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, WS: tl.constexpr):
-    """The interior (unmasked) key tiles with Q.K^T of tile j + 1 in flight during the softmax of tile j (the
-    intra-warpgroup overlap of FlashAttention-3). Iteration j runs P.V of tile j - 1 (its wait also completes the
-    scores of tile j), issues Q.K^T of tile j + 1, then the softmax of tile j; the scores are loop-carried and used
-    only after that wait, so Triton's wgmma pipelining leaves the product in flight (a properly async dot). No
-    branches: iteration 0 multiplies a zero P, the last iteration recomputes the last tile's scores (one P.V and one
-    Q.K^T wasted per work item). Requires nu >= 1."""
-    p_dtype: tl.constexpr = V.dtype.element_ty
-    s = _scores(q, K, k_base, _unmasked_start(0, nu1, u2, BLOCK_N), offs_n, offs_d, skl, skd, L, kdesc, b, h,
-                USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
-    p = tl.zeros([BLOCK_M, BLOCK_N], dtype=p_dtype)
-    for j in tl.range(0, nu, warp_specialize=WS):
-        v = _load_rows(V, v_base, _unmasked_start(tl.maximum(j - 1, 0), nu1, u2, BLOCK_N), offs_n, offs_d, svl, svd,
-                       L, vdesc, b, h, False, USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
-        acc = tl.dot(p, v, acc)
-        s_next = _scores(q, K, k_base, _unmasked_start(tl.minimum(j + 1, nu - 1), nu1, u2, BLOCK_N), offs_n,
-                         offs_d, skl, skd, L, kdesc, b, h, USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
-        p, acc, l_i, m_i = _softmax_step(s, acc, l_i, m_i, qk_scale, p_dtype)
-        s = s_next
-    v = _load_rows(V, v_base, _unmasked_start(nu - 1, nu1, u2, BLOCK_N), offs_n, offs_d, svl, svd, L, vdesc, b, h,
-                   False, USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
-    acc = tl.dot(p, v, acc)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _interior_overlap(acc, l_i, m_i, q, K, V, k_base, v_base, nu, nu1, u2, offs_n, offs_d, skl, skd, svl, svd,
-                      L, qk_scale, kdesc, vdesc, b, h,
-                      USE_TMA: tl.constexpr, FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, WS: tl.constexpr, NO_PROLOGUE: tl.constexpr):
-    """Variant: softmax and P.V of tile j in the same iteration, Q.K^T of tile j + 1 issued before them; a tiny
-    synchronous dot at the top of the loop gives Triton the wait it needs to keep that product in flight."""
-    p_dtype: tl.constexpr = V.dtype.element_ty
-    if NO_PROLOGUE:  # scores of "tile -1" are -inf: iteration 0 adds exactly 0 (one wasted P.V, no extra buffer)
-        s = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
-        j0 = -1
-    else:
-        s = _scores(q, K, k_base, _unmasked_start(0, nu1, u2, BLOCK_N), offs_n, offs_d, skl, skd, L, kdesc, b, h,
-                    USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
-        j0 = 0
-    za = tl.zeros([BLOCK_M, 16], dtype=p_dtype)
-    for j in tl.range(j0, nu, warp_specialize=WS):
-        zb = (tl.zeros([16, 16], dtype=tl.float32) + j.to(tl.float32)).to(p_dtype)
-        d = tl.dot(za, zb)
-        # scaled copy first: the scores' registers are free before the next product is issued into them, so the
-        # loop-carried value needs no copy on the back edge (a copy reads an in-flight accumulator, which makes
-        # ptxas serialize every wgmma of the kernel: C7514)
-        t = s * qk_scale
-        s_next = _scores(q, K, k_base, _unmasked_start(tl.minimum(j + 1, nu - 1), nu1, u2, BLOCK_N), offs_n,
-                         offs_d, skl, skd, L, kdesc, b, h, USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
-        p, acc, l_i, m_i = _softmax_step(t, acc, l_i, m_i, 1.0, p_dtype)
-        l_i += tl.sum(d, 1) * 0.0
-        v = _load_rows(V, v_base, _unmasked_start(tl.maximum(j, 0), nu1, u2, BLOCK_N), offs_n, offs_d, svl, svd,
-                       L, vdesc, b, h, False, USE_TMA, FLAT, BLOCK_N, HEAD_DIM)
-        acc = tl.dot(p, v, acc)
-        # and a second one at the end: the back-edge copy of the scores then reads a finished product
-        zb2 = (tl.zeros([16, 16], dtype=tl.float32) + (j + 1).to(tl.float32)).to(p_dtype)
-        d2 = tl.dot(za, zb2)
-        l_i += tl.sum(d2, 1) * 0.0
-        s = s_next
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _tile8(acc, l_i, m_i, q8, sq, K8, SK, kv8_base, sk_base, V, v_base, start, offs_n, offs_d, svl, svd, L, T, lo, hi,
            k8desc, vdesc, b, h,
            MASKED: tl.constexpr, USE_TMA: tl.constexpr, FLAT: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -339,7 +247,7 @@ def _arrow_fwd(
     B, H, L, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
     USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr,
-    ZERO_SKIP: tl.constexpr, QUANT: tl.constexpr, PIPE: tl.constexpr, PIPE_MIN: tl.constexpr,
+    ZERO_SKIP: tl.constexpr, QUANT: tl.constexpr,
 ):
     """One program per work item (head, batch, query tile), long items first (see `_work`). QUANT: the launch has
     FP8 heads (HQ[h] = 1; their operands come quantized from `_quant_fwd`); bf16 heads run beside them."""
@@ -348,7 +256,7 @@ def _arrow_fwd(
           Q8, K8, SQ, SK, q8desc, k8desc,
           sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
           B, H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, H_PAD, USE_TMA, FLAT, IEEE, INTERP, WS, ZERO_SKIP,
-          QUANT, PIPE, PIPE_MIN)
+          QUANT)
 
 
 @triton.jit
@@ -358,7 +266,7 @@ def _attend(Q, K, V, qdesc, kdesc, vdesc, Q8, K8, SQ, SK, q8desc, k8desc,
             H, L, T, qk_scale,
             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr,
-            FP8: tl.constexpr, PIPE: tl.constexpr, PIPE_MIN: tl.constexpr):
+            FP8: tl.constexpr):
     """The key loops of one work item: (acc, l) with out = acc / l. FP8: the quantized operands."""
     bh_q = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     k_base = b.to(tl.int64) * skb + h.to(tl.int64) * skh
@@ -412,35 +320,6 @@ def _attend(Q, K, V, qdesc, kdesc, vdesc, Q8, K8, SQ, SK, q8desc, k8desc,
                                       sq, K8, SK, kv8_base, sk_base, k8desc,
                                       True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP, FP8)
             j += 1
-    elif PIPE and not FP8 and not IEEE:
-        # interior tiles: the overlapped loop where there are enough of them, else the plain one
-        if PIPE_MIN > 1:
-            nu_pipe = tl.where(nu >= PIPE_MIN, nu, 0)
-        else:
-            nu_pipe = nu
-        if nu_pipe > 0:
-            if PIPE >= 2:
-                acc, l_i, m_i = _interior_overlap(acc, l_i, m_i, q, K, V, k_base, v_base, nu_pipe, nu1, u2, offs_n,
-                                                  offs_d, skl, skd, svl, svd, L, qk_scale, kdesc, vdesc, b, h,
-                                                  USE_TMA, FLAT, BLOCK_M, BLOCK_N, HEAD_DIM, WS, PIPE == 3)
-            else:
-                acc, l_i, m_i = _interior_pipelined(acc, l_i, m_i, q, K, V, k_base, v_base, nu_pipe, nu1, u2, offs_n,
-                                                    offs_d, skl, skd, svl, svd, L, qk_scale, kdesc, vdesc, b, h,
-                                                    USE_TMA, FLAT, BLOCK_M, BLOCK_N, HEAD_DIM, WS)
-        if PIPE_MIN > 1:
-            for j in tl.range(nu_pipe, nu, warp_specialize=WS):
-                start = j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
-                acc, l_i, m_i = _tile_any(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
-                                          skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
-                                          sq, K8, SK, kv8_base, sk_base, k8desc,
-                                          False, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP, FP8)
-        for j in tl.range(0, na, warp_specialize=WS):
-            start = (j * BLOCK_N + a1 + (j >= na1).to(tl.int32) * (a2 - na1 * BLOCK_N - a1)
-                     + (j >= na1 + na2).to(tl.int32) * (a3 - na2 * BLOCK_N - a2))
-            acc, l_i, m_i = _tile_any(acc, l_i, m_i, q, K, V, k_base, v_base, start, offs_m, offs_n, offs_d,
-                                      skl, skd, svl, svd, L, T, lo, hi, qk_scale, kdesc, vdesc, b, h,
-                                      sq, K8, SK, kv8_base, sk_base, k8desc,
-                                      True, USE_TMA, FLAT, IEEE, BLOCK_N, HEAD_DIM, INTERP, FP8)
     else:
         for j in tl.range(0, nu, warp_specialize=WS):
             start = j * BLOCK_N + (j >= nu1).to(tl.int32) * (u2 - nu1 * BLOCK_N)
@@ -471,7 +350,7 @@ def _work(
     B, H, L, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
     USE_TMA: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr, WS: tl.constexpr,
-    ZERO_SKIP: tl.constexpr, QUANT: tl.constexpr, PIPE: tl.constexpr, PIPE_MIN: tl.constexpr,
+    ZERO_SKIP: tl.constexpr, QUANT: tl.constexpr,
 ):
     """One work item (head, batch, query tile) -> its output rows."""
     # ---- item -> (head, batch, query tile) ----
@@ -556,19 +435,18 @@ def _work(
                                sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                                b, h, m0, skip, nu, nu1, u2, na, na1, na2, a1, a2, a3, offs_m, offs_n, offs_d, lo, hi,
                                H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, USE_TMA, FLAT, IEEE, INTERP, WS,
-                               True, PIPE, PIPE_MIN)
+                               True)
         else:
             acc, l_i = _attend(Q, K, V, qdesc, kdesc, vdesc, Q8, K8, SQ, SK, q8desc, k8desc,
                                sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                                b, h, m0, skip, nu, nu1, u2, na, na1, na2, a1, a2, a3, offs_m, offs_n, offs_d, lo, hi,
                                H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, USE_TMA, FLAT, IEEE, INTERP, WS,
-                               False, PIPE, PIPE_MIN)
+                               False)
     else:
         acc, l_i = _attend(Q, K, V, qdesc, kdesc, vdesc, Q8, K8, SQ, SK, q8desc, k8desc,
                            sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                            b, h, m0, skip, nu, nu1, u2, na, na1, na2, a1, a2, a3, offs_m, offs_n, offs_d, lo, hi,
-                           H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, USE_TMA, FLAT, IEEE, INTERP, WS, False,
-                           PIPE, PIPE_MIN)
+                           H, L, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, USE_TMA, FLAT, IEEE, INTERP, WS, False)
 
     # ---- epilogue (padding rows may hold 0/0; they are never stored) ----
     o = acc / l_i[:, None]
@@ -816,8 +694,6 @@ def _kernel_args(q, k, v, out, head_window, txt_len: int, layout: str, sm_scale,
     BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     cfg.pop("TMA", None)
     ws = bool(cfg.pop("WS", False)) and not interp
-    pipe = int(cfg.pop("PIPE", 0)) if not interp else 0
-    pipe_min = int(cfg.pop("PIPE_MIN", 1))
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
     descs = [_descriptor(x, layout, H, D, bm) for x, bm in ((q, BM), (k, BN), (v, BN))] if use_tma else [None] * 3
@@ -835,7 +711,6 @@ def _kernel_args(q, k, v, out, head_window, txt_len: int, layout: str, sm_scale,
         B, H, L, int(txt_len), float(sm_scale) * _LOG2E,
         D, BM, BN, max(triton.next_power_of_2(H), 2),
         use_tma, layout == "blhd_flat", q.dtype == torch.float32 or interp, interp, ws, zero_skip, quant is not None,
-        pipe, pipe_min,
     )
     return grid, args, cfg  # cfg now holds num_warps, num_stages
 

@@ -249,10 +249,11 @@ def _sdpa(qkv, backend):
         return sdpa(*qkv)
 
 
-VARIANTS = [  # config switches of the one kernel, D = 128 (timed with CUDA-graph replay). The research variants
-    # (persistent walks, head-order switches) left the kernel on 2026-11-28: kernels/NOTES.md has their numbers.
-    ("ws_off", dict(WS=False)),
-    ("tma_off", dict(TMA=False)),
+VARIANTS = [  # D = 128 (timed with CUDA-graph replay): on Hopper the default launch is kernel v3 (Gluon); an explicit
+    # config runs the Triton kernel (v2) instead. The research variants (persistent walks, head-order switches, the
+    # 2026-11-29 overlap switches) left the kernels: kernels/NOTES.md has their numbers.
+    ("triton_v2", dict()),
+    ("triton_v2_ws_off", dict(WS=False)),
 ]
 VARIANTS_D64 = [
     ("tma_off", dict(TMA=False)),

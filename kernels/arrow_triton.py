@@ -799,6 +799,73 @@ def _quantize(plan: _Plan, q, k, head_quant) -> None:
 
 _fp8_warned = False
 
+#: Hopper, head_dim 128, fp16/bf16 calls run kernel v3 (kernels/arrow_gluon.py, Gluon: producer warp + two consumer
+#: warpgroups in ping-pong) unless DFAV2_KERNEL=triton; everything else, explicit configs (tests, bench variants)
+#: and FP8 launches run `_arrow_fwd` here. False after a failure (warned once; the call then runs here).
+GLUON = os.environ.get("DFAV2_KERNEL", "").lower() != "triton"
+_gluon_mod = None
+
+
+def _gluon():
+    """kernels/arrow_gluon.py, loaded from this file's folder (both files also load standalone); None without Gluon."""
+    global _gluon_mod
+    if _gluon_mod is None:
+        import importlib.util
+
+        try:
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arrow_gluon.py")
+            spec = importlib.util.spec_from_file_location("_dfav2_arrow_gluon", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            _gluon_mod = mod
+        except Exception:  # noqa: BLE001 - no Gluon in this Triton: the Triton kernel serves every call
+            _gluon_mod = False
+    return _gluon_mod or None
+
+
+def _gluon_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip):
+    """Kernel v3's launch plan for this call, or None where it does not apply (the Triton kernel runs it)."""
+    H = head_window.shape[0]
+    B, L, D = _geometry(q, H, layout)
+    g = _gluon()
+    if g is None or not g.supported(q, D, H) or B * H * L == 0:
+        return None
+    _validate(q, k, v, head_window, txt_len, layout, out)
+    o = torch.empty_like(q) if out is None else out
+    if not _tma_ok((q, k, v, o)):
+        return None
+    return g.build(q, k, v, o, H, L, B, txt_len, layout, sm_scale, zero_skip)
+
+
+def _try_gluon(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, fast):
+    """Run the call on kernel v3 if it applies: the output, else None. A failure disables v3 for the process with one
+    warning (the call and all later ones then run on the Triton kernel)."""
+    global GLUON
+    key = ("gluon", _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, None, None, zero_skip))
+    plan = _PLANS.get(key, False) if fast else False
+    try:
+        if plan is False:
+            plan = _gluon_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip)
+            if fast:
+                if len(_PLANS) >= _PLANS_MAX:
+                    _PLANS.clear()
+                _PLANS[key] = plan
+        if plan is None:
+            return None
+        if out is None:
+            out = torch.empty_like(q)
+        _gluon().launch(plan, q, k, v, out, head_window)
+        return out
+    except ValueError:
+        raise  # bad input: the same error the Triton path gives
+    except Exception as exc:  # noqa: BLE001 - never fail the attention call for the faster kernel's sake
+        GLUON = False
+        import warnings
+
+        warnings.warn(f"DiTFastAttnV2: kernel v3 (Gluon) failed ({type(exc).__name__}: {str(exc)[:200]}); using the "
+                      "Triton kernel from now on", RuntimeWarning, stacklevel=3)
+        return None
+
 
 def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, use_tma=None, fast=True,
             zero_skip=False, head_quant=None):
@@ -812,6 +879,11 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
     """
     global _fp8_warned
     txt_len = int(txt_len)
+    if (GLUON and config is None and use_tma is None and head_quant is None and q.device.type == "cuda"
+            and not _interpreting()):
+        res = _try_gluon(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, fast)
+        if res is not None:
+            return res
     if head_quant is not None and not _fp8_capable(q.device):
         if not _fp8_warned:
             _fp8_warned = True

@@ -394,6 +394,39 @@ def test_gpu_cached_launch_and_graph_replay(B, H, L, T, D, layout, kind):
     assert _rel_err(_to_bhld(out, layout, H), ref, live) <= _BF16_TOL
 
 
+@gpu
+@pytest.mark.skipif(not _HAS_CUDA or _INTERP, reason="needs CUDA (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("layout", ["bhld", "blhd_flat"])
+def test_gpu_kernel_v3_serves_hopper_d128_and_agrees_with_v2(layout, monkeypatch):
+    # On sm90, head_dim 128, bf16 the default launch runs kernel v3 (arrow_gluon.py) -- the cases above then test
+    # v3, not a silent fallback -- and it agrees with the Triton kernel (explicit config) on the same inputs.
+    if torch.cuda.get_device_capability()[0] != 9 or at._gluon() is None:
+        pytest.skip("kernel v3 runs on Hopper with a Gluon-capable Triton")
+    B, H, L, T = 1, 6, 512 + 1111, 512
+    gen = torch.Generator().manual_seed(77)
+    q, k, v = _make_qkv(B, H, L, 128, layout, torch.bfloat16, "cuda", gen, noncontig=True)
+    hw = torch.tensor([FULL, 40, SKIP, 0, FULL, 300], dtype=torch.int32, device="cuda")
+    at._PLANS.clear()
+    o3 = torch.full_like(q, float("nan"))
+    at.arrow_attention_triton(q, k, v, hw, T, layout=layout, out=o3)
+    assert at.GLUON, "kernel v3 failed and was disabled"
+    plans = [p for key, p in at._PLANS.items() if key[0] == "gluon"]
+    assert len(plans) == 1 and plans[0] is not None, "the call did not run on kernel v3"
+    cfg = at._default_config(torch.device("cuda"), 128, torch.bfloat16)
+    o2 = torch.full_like(q, float("nan"))
+    at._launch(q, k, v, hw, T, layout, None, o2, config=cfg)
+    live = [0, 1, 3, 4, 5]
+    b3, b2 = _to_bhld(o3, layout, H), _to_bhld(o2, layout, H)
+    assert b3[:, 2].isnan().all() and b2[:, 2].isnan().all()   # the skipped head: untouched by both
+    diff = ((b3[:, live].float() - b2[:, live].float()).norm() / b2[:, live].float().norm()).item()
+    assert diff < 5e-3, diff
+    # DFAV2_KERNEL=triton (read at import) / a failed v3: the Triton kernel serves the call, no v3 plan is made
+    monkeypatch.setattr(at, "GLUON", False)
+    at._PLANS.clear()
+    at.arrow_attention_triton(q, k, v, hw, T, layout=layout, out=o3)
+    assert not [key for key in at._PLANS if key[0] == "gluon"]
+
+
 @cpu_only
 def test_heavy_first_order_is_a_stable_permutation():
     windows = [0, SKIP, FULL, 17, 3, FULL, SKIP, 17, 400]

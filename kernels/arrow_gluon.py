@@ -1,0 +1,364 @@
+"""Head-wise arrow attention on Hopper (sm90, head_dim 128, fp16/bf16), written in Gluon: kernel v3.
+
+Same contract and work items as `arrow_triton._arrow_fwd` (one program per (head, batch, 128-row query tile), long
+items first; per item the interior key tiles run unmasked and the edge tiles token-exactly masked; skipped heads
+write nothing, or zeros with `ZERO_SKIP`), but each program is warp-specialised the way FlashAttention-3 is:
+- a 1-warp producer streams the item's Q tile and its key tiles (K and V) into a 3-deep shared-memory ring by TMA,
+  paced by `ready` / `empty` mbarriers;
+- two 4-warp consumers own 64 query rows each and run Q·Kᵀ(j) together with P·V(j−1), the softmax of tile j while
+  P·V(j−1) is still on the tensor cores, and take turns *issuing* (two mbarriers: ping-pong), so one consumer's
+  products run while the other's exp2s run.
+Why Gluon and not Triton: the ping-pong is what closes the ≈ 10 % gap to cuDNN at Flux 2K, and Triton's pipeliner
+cannot express it (kernels/NOTES.md, 2026-11-29: the Triton overlap variants measured slower, the Gluon prototype
+`bench/gluon_dense_proto.py` 1.03× cuDNN). Loaded standalone (like arrow_triton.py): no package imports.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+__all__ = ["BLOCK_M", "BLOCK_N", "HEAD_DIM", "STAGES", "build", "launch", "supported"]
+
+BLOCK_M = 128   # query rows per program (64 per consumer warpgroup)
+BLOCK_N = 128   # keys per tile
+HEAD_DIM = 128
+STAGES = 3      # K/V ring depth (3 × 64 KB + the 32 KB Q tile: 224 KB of Hopper's 227 KB)
+_LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _tile_start(t, nu, nu1, u2, na1, na2, a1, a2, a3, BN: gl.constexpr):
+    """First key of the item's t-th tile: tiles [0, nu) are the unmasked segments (nu1 tiles from 0, then from u2),
+    tiles [nu, nu + na) the masked ones (from a1, a2, a3); the same segments as `arrow_triton._work`."""
+    su = t * BN + (t >= nu1).to(gl.int32) * (u2 - nu1 * BN)
+    j = t - nu
+    sa = (j * BN + a1 + (j >= na1).to(gl.int32) * (a2 - na1 * BN - a1)
+          + (j >= na1 + na2).to(gl.int32) * (a3 - na2 * BN - a2))
+    un = (t < nu).to(gl.int32)
+    return un * su + (1 - un) * sa
+
+
+@gluon.jit
+def _load_tile(desc, b, h, row, bar, dst, FLAT: gl.constexpr):
+    if FLAT:
+        tma.async_copy_global_to_shared(desc, [b, row, h, 0], bar, dst)
+    else:
+        tma.async_copy_global_to_shared(desc, [b, h, row, 0], bar, dst)
+
+
+@gluon.jit
+def _producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
+              b, h, m0, n, nu, nu1, u2, na1, na2, a1, a2, a3,
+              QH: gl.constexpr, BN: gl.constexpr, NSTAGE: gl.constexpr, FLAT: gl.constexpr):
+    if n > 0:  # the two consumers' 64-row halves of the query tile
+        mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
+        _load_tile(desc_q, b, h, m0, q_bar, q_smem.index(0), FLAT)
+        _load_tile(desc_q, b, h, m0 + QH, q_bar, q_smem.index(1), FLAT)
+    for t in range(n):
+        s = t % NSTAGE
+        # a slot is free once both consumers released it; the first pass through the ring does not wait
+        mbarrier.wait(kv_empty.index(s), ((t // NSTAGE) & 1) ^ 1)
+        start = _tile_start(t, nu, nu1, u2, na1, na2, a1, a2, a3, BN)
+        mbarrier.expect(kv_ready.index(s), desc_k.block_type.nbytes + desc_v.block_type.nbytes)
+        _load_tile(desc_k, b, h, start, kv_ready.index(s), k_smem.index(s), FLAT)
+        _load_tile(desc_v, b, h, start, kv_ready.index(s), v_smem.index(s), FLAT)
+
+
+@gluon.jit
+def _scores(sc, start, nu, t, T, lo, hi, qk_scale, m_i, l_i, s_layout: gl.constexpr, BN: gl.constexpr):
+    """Online-softmax step on finished scores `sc` of tile t: mask it if it is an edge tile (keep(q, k) = k < T or
+    lo_q <= k <= hi_q), then (p, alpha, m, l)."""
+    if t >= nu:
+        kk = start + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+        keep = (kk < T)[None, :] | ((kk[None, :] >= lo[:, None]) & (kk[None, :] <= hi[:, None]))
+        sc = gl.where(keep, sc, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
+    p = gl.exp2(sc * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _consumer(desc_o, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn,
+              b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, L, T, qk_scale,
+              WG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE: gl.constexpr, FLAT: gl.constexpr,
+              ZERO_SKIP: gl.constexpr):
+    WM: gl.constexpr = 64
+    dtype: gl.constexpr = desc_o.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_row: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q_tile = q_smem.index(WG)   # this group's 64 query rows; dead after its loop, then the output's staging
+    q = q_tile.reshape([WM, D])
+    row0 = m0 + WG * WM
+    if n > 0:
+        # per-row key range of the element mask: [0, L-1] for text rows / full heads, [q - w, q + w] for image rows
+        offs_m = row0 + gl.arange(0, WM, layout=s_row)
+        wp = gl.maximum(w, 0)
+        img_row = (offs_m >= T) & (w >= 0)
+        lo = gl.where(img_row, offs_m - wp, 0)
+        hi = gl.minimum(gl.where(img_row, offs_m + wp, L - 1), L - 1)
+        zero_s = gl.zeros([WM, BN], gl.float32, s_layout)
+        acc = gl.zeros([WM, D], gl.float32, o_layout)
+        m_i = gl.full([WM], -1.0e30, gl.float32, s_row)   # finite: a fully masked tile adds exactly 0, no NaN
+        l_i = gl.full([WM], 0.0, gl.float32, s_row)
+        mbarrier.wait(q_bar, 0)
+        # tile 0: scores and softmax only
+        mbarrier.wait(kv_ready.index(0), 0)
+        mbarrier.wait(turn.index(WG), 0)
+        sc = warpgroup_mma(q, k_smem.index(0).reshape([BN, D]).permute((1, 0)), zero_s, use_acc=False,
+                           is_async=True)
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+        sc = warpgroup_mma_wait(0, deps=[sc])
+        start = _tile_start(0, nu, nu1, u2, na1, na2, a1, a2, a3, BN)
+        p, alpha, m_i, l_i = _scores(sc, start, nu, 0, T, lo, hi, qk_scale, m_i, l_i, s_layout, BN)
+        pb = gl.convert_layout(p.to(dtype), p_layout)
+        for t in range(1, n):
+            s = t % NSTAGE
+            sp = (t - 1) % NSTAGE
+            mbarrier.wait(kv_ready.index(s), (t // NSTAGE) & 1)
+            mbarrier.wait(turn.index(WG), t & 1)
+            sc = warpgroup_mma(q, k_smem.index(s).reshape([BN, D]).permute((1, 0)), zero_s, use_acc=False,
+                               is_async=True)
+            acc = warpgroup_mma(pb, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+            sc = warpgroup_mma_wait(1, deps=[sc])
+            start = _tile_start(t, nu, nu1, u2, na1, na2, a1, a2, a3, BN)
+            p, alpha, m_i, l_i = _scores(sc, start, nu, t, T, lo, hi, qk_scale, m_i, l_i, s_layout, BN)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            mbarrier.arrive(kv_empty.index(sp), count=1)
+            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+            pb = gl.convert_layout(p.to(dtype), p_layout)
+        sl = (n - 1) % NSTAGE
+        mbarrier.wait(turn.index(WG), n & 1)
+        acc = warpgroup_mma(pb, v_smem.index(sl).reshape([BN, D]), acc, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(kv_empty.index(sl), count=1)
+        # rows past L may hold 0/0: the TMA store clips them
+        o = acc / gl.convert_layout(l_i, o_row)[:, None]
+        q.store(o.to(dtype))
+        fence_async_shared()
+        _store_rows(desc_o, b, h, row0, q_tile, FLAT)
+        tma.store_wait(0)
+    elif ZERO_SKIP:
+        # functional API: a skipped head's rows come back as zeros
+        q.store(gl.zeros([WM, D], dtype, o_layout))
+        fence_async_shared()
+        _store_rows(desc_o, b, h, row0, q_tile, FLAT)
+        tma.store_wait(0)
+
+
+@gluon.jit
+def _store_rows(desc, b, h, row, src, FLAT: gl.constexpr):
+    if FLAT:
+        tma.async_copy_shared_to_global(desc, [b, row, h, 0], src)
+    else:
+        tma.async_copy_shared_to_global(desc, [b, h, row, 0], src)
+
+
+@gluon.jit
+def _rank_heads(HW, H, H_PAD: gl.constexpr):
+    """Heavy-first rank of every head (full > wider arrow > narrower > skip; ties by head index), as
+    `arrow_triton._rank_heads`: an H_PAD x H_PAD comparison on the device table, no host sync."""
+    lay: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [4, 1], [1, 0])
+    rows = gl.arange(0, H_PAD, layout=gl.SliceLayout(1, lay))
+    cols = gl.arange(0, H_PAD, layout=gl.SliceLayout(0, lay))
+    w_r = gl.load(HW + rows, mask=rows < H, other=-2)
+    w_c = gl.load(HW + cols, mask=cols < H, other=-2)
+    k_r = gl.where(w_r == -1, 1 << 30, gl.where(w_r < -1, -2, w_r))
+    k_c = gl.where(w_c == -1, 1 << 30, gl.where(w_c < -1, -2, w_c))
+    before = (k_c[None, :] > k_r[:, None]) | ((k_c[None, :] == k_r[:, None]) & (cols[None, :] < rows[:, None]))
+    rank = gl.sum(before.to(gl.int32), axis=1)
+    n_full = gl.sum(((w_r == -1) & (rows < H)).to(gl.int32), axis=0)
+    n_arrow = gl.sum(((w_r >= 0) & (rows < H)).to(gl.int32), axis=0)
+    return rows, rank, n_full, n_arrow
+
+
+@gluon.jit
+def _arrow_fwd_gluon(desc_q, desc_k, desc_v, desc_o, HW, B, H, L, T, qk_scale,
+                     H_PAD: gl.constexpr, FLAT: gl.constexpr, ZERO_SKIP: gl.constexpr,
+                     BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE: gl.constexpr):
+    pid = gl.program_id(0)
+    rows, rank, n_full, n_arrow = _rank_heads(HW, H, H_PAD)
+    # ---- item -> (head, batch, query tile): long items first, exactly as arrow_triton._work ----
+    n_qt = gl.cdiv(L, BM)
+    n_tq = gl.minimum(gl.cdiv(T, BM), n_qt)
+    n_iq = n_qt - n_tq
+    seg_a = n_full * B * n_qt
+    seg_b = n_arrow * B * n_tq
+    seg_c = n_arrow * B * n_iq
+    in_a = (pid < seg_a).to(gl.int32)
+    in_b = ((pid >= seg_a) & (pid < seg_a + seg_b)).to(gl.int32)
+    in_c = ((pid >= seg_a + seg_b) & (pid < seg_a + seg_b + seg_c)).to(gl.int32)
+    in_d = 1 - in_a - in_b - in_c
+    base = in_b * seg_a + in_c * (seg_a + seg_b) + in_d * (seg_a + seg_b + seg_c)
+    per = gl.maximum(in_a * n_qt + in_b * n_tq + in_c * n_iq + in_d * n_qt, 1)
+    p_loc = pid - base
+    qt = p_loc % per + in_c * n_tq
+    r = p_loc // per
+    b = r % B
+    slot = r // B + (in_b + in_c) * n_full + in_d * (n_full + n_arrow)
+    h = gl.sum(gl.where(rank == slot, rows, 0), axis=0)
+    w = gl.load(HW + h)
+    live = (w >= -1).to(gl.int32)
+    m0 = qt * BM
+    # ---- key-tile segments (the comments of arrow_triton._work apply) ----
+    Lfl = (L // BN) * BN
+    Tfl = (T // BN) * BN
+    Tc = gl.cdiv(T, BN) * BN
+    di = ((w == -1) | (m0 + BM <= T)).to(gl.int32)
+    si = ((w >= 0) & (m0 < T) & (m0 + BM > T)).to(gl.int32)
+    ii = (1 - di) * (1 - si)
+    wp = gl.maximum(w, 0)
+    s0 = gl.maximum(m0 - wp, Tc)
+    e0 = gl.minimum(m0 + BM + wp, L)
+    nb = gl.maximum(gl.cdiv(gl.maximum(e0 - s0, 0), BN), 0)
+    fk_lo = gl.maximum(m0 + BM - 1 - wp, s0)
+    fk_hi = gl.minimum(m0 + wp, L - 1)
+    j_lo = gl.minimum(gl.cdiv(fk_lo - s0, BN), nb)
+    j_hi = gl.maximum(gl.minimum(gl.maximum(fk_hi - s0 + 1, 0) // BN, nb), j_lo)
+    t_part = gl.cdiv(T, BN) - T // BN
+    l_part = gl.cdiv(L, BN) - L // BN
+    nu1 = (di * (L // BN) + ii * (T // BN)) * live
+    nu2 = ii * (j_hi - j_lo) * live
+    a1 = di * Lfl + ii * Tfl
+    na1 = (di * l_part + si * gl.cdiv(L, BN) + ii * t_part) * live
+    na2 = ii * j_lo * live
+    na3 = ii * (nb - j_hi) * live
+    u2 = s0 + j_lo * BN
+    a2 = s0
+    a3 = s0 + j_hi * BN
+    nu = nu1 + nu2
+    n = nu + na1 + na2 + na3
+
+    if FLAT:
+        q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, 1, BM // 2, 1, D], desc_q.layout)
+        k_smem = gl.allocate_shared_memory(desc_k.dtype, [NSTAGE, 1, BN, 1, D], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(desc_v.dtype, [NSTAGE, 1, BN, 1, D], desc_v.layout)
+    else:
+        q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, 1, 1, BM // 2, D], desc_q.layout)
+        k_smem = gl.allocate_shared_memory(desc_k.dtype, [NSTAGE, 1, 1, BN, D], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(desc_v.dtype, [NSTAGE, 1, 1, BN, D], desc_v.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(NSTAGE):
+        mbarrier.init(kv_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
+    mbarrier.arrive(turn.index(0), count=1)   # consumer 0 issues first
+    gl.warp_specialize([
+        (_consumer, (desc_o, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn,
+                     b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, L, T, qk_scale,
+                     0, BN, D, NSTAGE, FLAT, ZERO_SKIP)),
+        (_consumer, (desc_o, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn,
+                     b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, L, T, qk_scale,
+                     1, BN, D, NSTAGE, FLAT, ZERO_SKIP)),
+        (_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
+                     b, h, m0, n, nu, nu1, u2, na1, na2, a1, a2, a3, BM // 2, BN, NSTAGE, FLAT)),
+    ], [4, 1], [232, 40])
+
+
+# --------------------------------------------------------------------------------------------------
+# host
+# --------------------------------------------------------------------------------------------------
+
+
+def supported(q: torch.Tensor, head_dim: int, heads: int) -> bool:
+    """This kernel runs the call: Hopper (sm90), head_dim 128, fp16/bf16, at most 128 heads. (TMA alignment of
+    the tensors is checked by the caller, `arrow_triton._tma_ok`.)"""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head_dim == HEAD_DIM and heads <= 128
+            and torch.cuda.get_device_capability(q.device)[0] == 9)
+
+
+def _desc(x: torch.Tensor, layout: str, H: int, rows: int) -> TensorDescriptor:
+    dt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    if layout == "bhld":
+        B, Hh, L, D = x.shape
+        block = [1, 1, rows, D]
+        return TensorDescriptor(x, [B, Hh, L, D], list(x.stride()), block,
+                                gl.NVMMASharedLayout.get_default_for(block, dt))
+    B, L, HD = x.shape
+    D = HD // H
+    sb, sl, _ = x.stride()
+    block = [1, rows, 1, D]
+    return TensorDescriptor(x, [B, L, H, D], [sb, sl, D, 1], block, gl.NVMMASharedLayout.get_default_for(block, dt))
+
+
+class Plan:
+    """Launch plan for one cache key: the grid, the scalar arguments and four TMA descriptors whose `base` is
+    re-pointed at each call's tensors (and dropped after the launch, so the plan holds no tensor)."""
+
+    __slots__ = ("grid", "descs", "scalars", "consts", "runner")
+
+
+def build(q, k, v, out, H: int, L: int, B: int, txt_len: int, layout: str, sm_scale, zero_skip: bool) -> Plan:
+    plan = Plan()
+    plan.grid = (max(math.ceil(L / BLOCK_M) * B * H, 1), 1, 1)
+    plan.descs = [_desc(q, layout, H, BLOCK_M // 2), _desc(k, layout, H, BLOCK_N), _desc(v, layout, H, BLOCK_N),
+                  _desc(out, layout, H, BLOCK_M // 2)]
+    scale = (1.0 / math.sqrt(HEAD_DIM) if sm_scale is None else float(sm_scale)) * _LOG2E
+    plan.scalars = (B, H, L, int(txt_len), scale)
+    plan.consts = dict(H_PAD=max(1 << (H - 1).bit_length(), 2), FLAT=layout == "blhd_flat", ZERO_SKIP=bool(zero_skip),
+                       BM=BLOCK_M, BN=BLOCK_N, D=HEAD_DIM, NSTAGE=STAGES)
+    plan.runner = None
+    for d in plan.descs:
+        d.base = None
+    return plan
+
+
+def launch(plan: Plan, q, k, v, out, head_window) -> None:
+    d = plan.descs
+    d[0].base, d[1].base, d[2].base, d[3].base = q, k, v, out
+    try:
+        runner = plan.runner
+        if runner:
+            try:
+                runner(*d, head_window, *plan.scalars, stream=torch._C._cuda_getCurrentRawStream(q.device.index))
+                return
+            except (TypeError, AttributeError):
+                plan.runner = runner = False   # Triton-internal launcher changed: use the JIT path
+        compiled = _arrow_fwd_gluon[plan.grid](*d, head_window, *plan.scalars, **plan.consts, num_warps=4)
+        if runner is None and compiled is not None:
+            plan.runner = getattr(compiled, "__getitem__", lambda grid: None)(plan.grid)
+    finally:
+        d[0].base = d[1].base = d[2].base = d[3].base = None
+
+
+def compile_sm90(*, B: int, H: int, L: int, T: int, layout: str = "bhld", zero_skip: bool = False,
+                 dtype: torch.dtype = torch.bfloat16):
+    """Compile for sm90 on a machine without that GPU (CPU tensors stand in; Triton-internal API, a check tool)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    x = torch.empty((B, H, L, HEAD_DIM) if layout == "bhld" else (B, L, H * HEAD_DIM), dtype=dtype)
+    plan = build(x, x, x, x, H, L, B, T, layout, None, zero_skip)
+    for dsc in plan.descs:
+        dsc.base = x
+    hw = torch.empty(H, dtype=torch.int32)
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    fn = _arrow_fwd_gluon
+    opts = dict(plan.consts, num_warps=4)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*plan.descs, hw, *plan.scalars, **opts)
+    options, signature, constexprs, attrs = fn._pack_args(backend, {"num_warps": 4}, bound, specialization, options)
+    return triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)

@@ -16,6 +16,7 @@ cannot express it (kernels/NOTES.md, 2026-11-29: the Triton overlap variants mea
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from triton.experimental import gluon
@@ -305,6 +306,11 @@ class Plan:
     re-pointed at each call's tensors (and dropped after the launch, so the plan holds no tensor)."""
 
     __slots__ = ("grid", "descs", "scalars", "consts", "runner")
+    grid: tuple[int, int, int]
+    descs: list[TensorDescriptor]
+    scalars: tuple
+    consts: dict
+    runner: Any   # None: not built yet; False: the direct launcher failed once; else Triton's compiled launcher
 
 
 def build(q, k, v, out, H: int, L: int, B: int, txt_len: int, layout: str, sm_scale, zero_skip: bool) -> Plan:

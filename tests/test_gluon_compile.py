@@ -67,6 +67,7 @@ V3_CASES = [  # B, H, L, T, layout, zero_skip, dtype
     (2, 3, 1000, 77, "blhd_flat", False, "fp16"),
     (1, 1, 1, 1, "bhld", True, "bf16"),
     (2, 5, 130, 0, "blhd_flat", True, "bf16"),
+    (1, 128, 300, 20, "bhld", False, "bf16"),   # MAX_HEADS: the head ranking's 128 x 128 tile
 ]
 
 

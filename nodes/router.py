@@ -181,7 +181,8 @@ class Run:
             log.log(level, message, *args)
 
     def fallback(self, reason: Reason, calls: int = 1) -> None:
-        self.fallbacks[reason.kind] += calls
+        with self._lock:
+            self.fallbacks[reason.kind] += calls
         self.warn_once(reason.kind, "DiTFastAttnV2: %s; using the host's dense attention (warned once per run)", reason)
 
     # -- forwards ------------------------------------------------------------------------------------------
@@ -302,7 +303,8 @@ class Run:
     def _route(self, args: tuple, kwargs: dict) -> tuple[Call, CallContext, AttentionConsumer] | object | None:
         """The consumer call for this attention call, `_BYPASS` for a layer the plan keeps all full here, or None
         for a plain dense call (reasons warned once)."""
-        self.attention_calls += 1
+        with self._lock:  # the MultiGPU CFG split routes from one thread per GPU
+            self.attention_calls += 1
         to = kwargs.get("transformer_options")
         fwd = to.get(TO_FORWARD) if isinstance(to, dict) else None
         if not isinstance(fwd, Forward) or fwd.run is not self:
@@ -337,7 +339,8 @@ class Run:
                     forget(CallContext(layer, fwd.position, txt_len, fwd.key, fwd.refs))
             return None
         if call.mask is not None:
-            self.text_mask_calls += 1
+            with self._lock:
+                self.text_mask_calls += 1
         return call, CallContext(layer, fwd.position, txt_len, fwd.key, fwd.refs, call.mask), self.consumer(call.q.device)
 
     def _attend(self, routed: tuple[Call, CallContext, AttentionConsumer], func: Callable[..., Any],

@@ -837,11 +837,12 @@ def _gluon_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip)
     return g.build(q, k, v, o, H, L, B, txt_len, layout, sm_scale, zero_skip)
 
 
-def _try_gluon(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, fast):
-    """Run the call on kernel v3 if it applies: the output, else None. A failure disables v3 for the process with one
-    warning (the call and all later ones then run on the Triton kernel)."""
+def _try_gluon(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, fast, v2_key):
+    """Run the call on kernel v3 if it applies: the output, else None. Its plan is cached beside v2's under
+    ("gluon", v2's key) -- None where v3 does not apply, so such calls cost one lookup. A failure disables v3 for the
+    process with one warning (the call and all later ones then run on the Triton kernel)."""
     global GLUON
-    key = ("gluon", _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, None, None, zero_skip))
+    key = ("gluon", v2_key)
     plan = _PLANS.get(key, False) if fast else False
     try:
         if plan is False:
@@ -879,11 +880,6 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
     """
     global _fp8_warned
     txt_len = int(txt_len)
-    if (GLUON and config is None and use_tma is None and head_quant is None and q.device.type == "cuda"
-            and not _interpreting()):
-        res = _try_gluon(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, fast)
-        if res is not None:
-            return res
     if head_quant is not None and not _fp8_capable(q.device):
         if not _fp8_warned:
             _fp8_warned = True
@@ -893,6 +889,11 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
         head_quant = None
     key = _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip,
                     head_quant is not None)
+    if (GLUON and config is None and use_tma is None and head_quant is None and q.device.type == "cuda"
+            and not _interpreting()):
+        res = _try_gluon(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, fast, key)
+        if res is not None:
+            return res
     plan = _PLANS.get(key) if fast else None
     if plan is None:
         plan = _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip,

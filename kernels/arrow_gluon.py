@@ -25,13 +25,23 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["BLOCK_M", "BLOCK_N", "HEAD_DIM", "STAGES", "build", "launch", "supported"]
+__all__ = ["BLOCK_M", "BLOCK_N", "HEAD_DIM", "PV8", "STAGES", "build", "launch", "supported"]
 
 BLOCK_M = 128   # query rows per program (64 per consumer warpgroup)
 BLOCK_N = 128   # keys per tile
 HEAD_DIM = 128
 STAGES = 3      # K/V ring depth (3 × 64 KB + the 32 KB Q tile: 224 KB of Hopper's 227 KB)
 _LOG2E = 1.4426950408889634
+#: FP8 heads' P·V in e4m3 (else bf16): read when a plan is built (kernels/NOTES.md has both measured).
+PV8 = True
+#: FP8 items take turns issuing (the ping-pong of bf16 items) -- research switch, kernels/NOTES.md.
+PINGPONG8 = True
+#: ring depth of FP8 items with e4m3 P·V (their K and Vᵀ tiles are half a bf16 slot: up to 2 x STAGES; research)
+STAGES8 = 5
+DIAG = 0   # research only: 1 no exp2, 2 no O rescale, 3 no softmax (wrong results; timing diagnosis)
+_LOG2_FP8_MAX = gl.constexpr(8.807354922057604)   # log2(448)
+_FP8_MAX = gl.constexpr(448.0)
+_FP8_MIN_SCALE = gl.constexpr(1e-12)   # arrow_triton's floor of a scale (an all-zero channel)
 
 
 @gluon.jit
@@ -55,109 +65,257 @@ def _load_tile(desc, b, h, row, bar, dst, FLAT: gl.constexpr):
 
 
 @gluon.jit
-def _producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
-              b, h, m0, n, nu, nu1, u2, na1, na2, a1, a2, a3,
-              QH: gl.constexpr, BN: gl.constexpr, NSTAGE: gl.constexpr, FLAT: gl.constexpr):
-    if n > 0:  # the two consumers' 64-row halves of the query tile
-        mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
-        _load_tile(desc_q, b, h, m0, q_bar, q_smem.index(0), FLAT)
-        _load_tile(desc_q, b, h, m0 + QH, q_bar, q_smem.index(1), FLAT)
-    for t in range(n):
-        s = t % NSTAGE
-        # a slot is free once both consumers released it; the first pass through the ring does not wait
-        mbarrier.wait(kv_empty.index(s), ((t // NSTAGE) & 1) ^ 1)
-        start = _tile_start(t, nu, nu1, u2, na1, na2, a1, a2, a3, BN)
-        mbarrier.expect(kv_ready.index(s), desc_k.block_type.nbytes + desc_v.block_type.nbytes)
-        _load_tile(desc_k, b, h, start, kv_ready.index(s), k_smem.index(s), FLAT)
-        _load_tile(desc_v, b, h, start, kv_ready.index(s), v_smem.index(s), FLAT)
+def _k8(k_smem, s, desc_k8, DEEP: gl.constexpr, BN: gl.constexpr, D: gl.constexpr):
+    """Ring slot s of e4m3 K: the first half of bf16 slot s, or with DEEP half s % 2 of bf16 slot s // 2."""
+    if DEEP:
+        return k_smem.index(s // 2)._reinterpret(desc_k8.dtype, [2, 1, 1, BN, D], desc_k8.layout).index(s % 2)
+    else:
+        return k_smem.index(s)._reinterpret(desc_k8.dtype, desc_k8.block_type.shape, desc_k8.layout)
 
 
 @gluon.jit
-def _scores(sc, start, nu, t, T, lo, hi, qk_scale, m_i, l_i, s_layout: gl.constexpr, BN: gl.constexpr):
+def _v8(v_smem, s, desc_v8, DEEP: gl.constexpr, BN: gl.constexpr, D: gl.constexpr):
+    if DEEP:
+        return v_smem.index(s // 2)._reinterpret(desc_v8.dtype, [2, 1, 1, D, BN], desc_v8.layout).index(s % 2)
+    else:
+        return v_smem.index(s)._reinterpret(desc_v8.dtype, desc_v8.block_type.shape, desc_v8.layout)
+
+
+@gluon.jit
+def _produce(desc_k, desc_v, desc_k8, desc_v8, desc_sk, k_smem, v_smem, sk_smem, kv_ready, kv_empty,
+             b, h, n, nu, nu1, u2, na1, na2, a1, a2, a3,
+             BN: gl.constexpr, D: gl.constexpr, NS: gl.constexpr, FLAT: gl.constexpr, FP8: gl.constexpr,
+             PV8: gl.constexpr, DEEP: gl.constexpr):
+    for t in range(n):
+        s = t % NS
+        # a slot is free once both consumers released it; the first pass through the ring does not wait
+        mbarrier.wait(kv_empty.index(s), ((t // NS) & 1) ^ 1)
+        start = _tile_start(t, nu, nu1, u2, na1, na2, a1, a2, a3, BN)
+        if FP8:   # e4m3 K [B, H, L, D] (and Vᵀ [B, H, D, L16]) into halves of the bf16 slots, the K scales beside
+            mbarrier.expect(kv_ready.index(s), desc_k8.block_type.nbytes + desc_sk.block_type.nbytes
+                            + (desc_v8.block_type.nbytes if PV8 else desc_v.block_type.nbytes))
+            tma.async_copy_global_to_shared(desc_sk, [b, h, start], kv_ready.index(s), sk_smem.index(s))
+            tma.async_copy_global_to_shared(desc_k8, [b, h, start, 0], kv_ready.index(s),
+                                            _k8(k_smem, s, desc_k8, DEEP, BN, D))
+            if PV8:
+                tma.async_copy_global_to_shared(desc_v8, [b, h, 0, start], kv_ready.index(s),
+                                                _v8(v_smem, s, desc_v8, DEEP, BN, D))
+            else:
+                _load_tile(desc_v, b, h, start, kv_ready.index(s), v_smem.index(s), FLAT)
+        else:
+            mbarrier.expect(kv_ready.index(s), desc_k.block_type.nbytes + desc_v.block_type.nbytes)
+            _load_tile(desc_k, b, h, start, kv_ready.index(s), k_smem.index(s), FLAT)
+            _load_tile(desc_v, b, h, start, kv_ready.index(s), v_smem.index(s), FLAT)
+
+
+@gluon.jit
+def _producer(desc_q, desc_k, desc_v, desc_q8, desc_k8, desc_v8, desc_sk, q_smem, k_smem, v_smem, sk_smem, q_bar,
+              kv_ready, kv_empty, b, h, m0, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8,
+              QH: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE: gl.constexpr, NSTAGE8: gl.constexpr,
+              FLAT: gl.constexpr, QUANT: gl.constexpr, PV8: gl.constexpr):
+    if n > 0:  # the two consumers' 64-row halves of the query tile
+        if QUANT and fp8 != 0:  # e4m3 Q from the pre-pass ([B, H, L, D]) into the first half of each bf16 buffer
+            mbarrier.expect(q_bar, 2 * desc_q8.block_type.nbytes)
+            for i in gl.static_range(2):
+                dst = q_smem.index(i)._reinterpret(desc_q8.dtype, desc_q8.block_type.shape, desc_q8.layout)
+                tma.async_copy_global_to_shared(desc_q8, [b, h, m0 + i * QH, 0], q_bar, dst)
+        else:
+            mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
+            _load_tile(desc_q, b, h, m0, q_bar, q_smem.index(0), FLAT)
+            _load_tile(desc_q, b, h, m0 + QH, q_bar, q_smem.index(1), FLAT)
+    if QUANT and fp8 != 0:
+        _produce(desc_k, desc_v, desc_k8, desc_v8, desc_sk, k_smem, v_smem, sk_smem, kv_ready, kv_empty,
+                 b, h, n, nu, nu1, u2, na1, na2, a1, a2, a3, BN, D, NSTAGE8 if PV8 else NSTAGE, FLAT, True, PV8,
+                 PV8 and NSTAGE8 > NSTAGE)
+    else:
+        _produce(desc_k, desc_v, desc_k8, desc_v8, desc_sk, k_smem, v_smem, sk_smem, kv_ready, kv_empty,
+                 b, h, n, nu, nu1, u2, na1, na2, a1, a2, a3, BN, D, NSTAGE, FLAT, False, False, False)
+
+
+@gluon.jit
+def _scores(sc, start, nu, t, T, lo, hi, qk_scale, m_i, l_i, s_layout: gl.constexpr, BN: gl.constexpr,
+            PV8: gl.constexpr, DIAG: gl.constexpr = 0):
     """Online-softmax step on finished scores `sc` of tile t: mask it if it is an edge tile (keep(q, k) = k < T or
-    lo_q <= k <= hi_q), then (p, alpha, m, l)."""
+    lo_q <= k <= hi_q), then (p, alpha, m, l). PV8: p (and so l) come out times 448, e4m3's range, for free in the
+    exponent; the factor cancels in O = P·V / l."""
     if t >= nu:
         kk = start + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
         keep = (kk < T)[None, :] | ((kk[None, :] >= lo[:, None]) & (kk[None, :] <= hi[:, None]))
         sc = gl.where(keep, sc, float("-inf"))
+    if DIAG == 3:
+        return sc, m_i, m_i, l_i
     m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
-    p = gl.exp2(sc * qk_scale - m_new[:, None])
+    if DIAG == 1:
+        p = sc * qk_scale - m_new[:, None]
+    elif PV8:
+        p = gl.exp2(sc * qk_scale - (m_new - _LOG2_FP8_MAX)[:, None])
+    else:
+        p = gl.exp2(sc * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return p, alpha, m_new, l_i
 
 
 @gluon.jit
-def _consumer(desc_o, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn,
-              b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, L, T, qk_scale,
-              WG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE: gl.constexpr, FLAT: gl.constexpr,
-              ZERO_SKIP: gl.constexpr):
+def _qk(q_smem, k_smem, s, zero_s, desc_q8, desc_k8, WG: gl.constexpr, WM: gl.constexpr, BN: gl.constexpr,
+        D: gl.constexpr, FP8: gl.constexpr, DEEP: gl.constexpr):
+    """Issue Q·Kᵀ of the tile in ring slot s (async): bf16 operands, or the e4m3 copies the producer put in the first
+    half of the same buffers (FP8 items)."""
+    if FP8:
+        q = q_smem.index(WG)._reinterpret(desc_q8.dtype, desc_q8.block_type.shape, desc_q8.layout).reshape([WM, D])
+        k = _k8(k_smem, s, desc_k8, DEEP, BN, D).reshape([BN, D])
+    else:
+        q = q_smem.index(WG).reshape([WM, D])
+        k = k_smem.index(s).reshape([BN, D])
+    return warpgroup_mma(q, k.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _p_operand(p, p_layout: gl.constexpr, dtype: gl.constexpr, PV8: gl.constexpr):
+    """P as wgmma's register A operand of P·V. PV8: e4m3, and with no data movement: the e4m3 A fragment holds keys
+    4t..4t+3 of each 16 where the score accumulator holds keys 2t, 2t+1, 8+2t, 9+2t (t: thread in its quad), so the
+    registers are read in place as the keys in that order -- the pre-pass stores Vᵀ's keys permuted the same way."""
+    if PV8:
+        WM: gl.constexpr = p.shape[0]
+        BN: gl.constexpr = p.shape[1]
+        p8 = p.to(gl.float8e4nv).reshape([WM, BN // 16, 2, 4, 2]).permute((0, 1, 3, 2, 4)).reshape([WM, BN])
+        return gl.convert_layout(p8, p_layout)
+    else:
+        return gl.convert_layout(p.to(dtype), p_layout)
+
+
+@gluon.jit
+def _pv(pb, v_smem, s, acc, desc_v8, BN: gl.constexpr, D: gl.constexpr, PV8: gl.constexpr, DEEP: gl.constexpr):
+    """Issue P·V of ring slot s (async): bf16 V [BN, D], or the e4m3 Vᵀ [D, BN] (K-major, as e4m3 wgmma needs)."""
+    if PV8:
+        vt = _v8(v_smem, s, desc_v8, DEEP, BN, D).reshape([D, BN])
+        return warpgroup_mma(pb, vt.permute((1, 0)), acc, is_async=True)
+    else:
+        return warpgroup_mma(pb, v_smem.index(s).reshape([BN, D]), acc, is_async=True)
+
+
+@gluon.jit
+def _item(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, desc_v8, SQ, SV,
+          b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, H, L, T, qk_scale,
+          WG: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE_: gl.constexpr,
+          FLAT: gl.constexpr, FP8: gl.constexpr, PV8_ON: gl.constexpr, PP8_ON: gl.constexpr, DIAG: gl.constexpr,
+          NSTAGE8: gl.constexpr):
+    """This consumer's 64 rows of one work item with n >= 1 key tiles. FP8: e4m3 Q·Kᵀ, each score times its query
+    tile's scale and its key's scale (the pre-pass's; softmax scale included); P·V in e4m3 too with PV8_ON (P times
+    448, Vᵀ per channel scaled, the channel scales applied once at the end), else in bf16 as for other heads."""
     WM: gl.constexpr = 64
     dtype: gl.constexpr = desc_o.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    PV8: gl.constexpr = FP8 and PV8_ON
+    PP: gl.constexpr = (not FP8) or PP8_ON
+    NSTAGE: gl.constexpr = NSTAGE8 if PV8 else NSTAGE_   # ring depth (e4m3 K and Vᵀ tiles: two per bf16 slot)
+    DEEP: gl.constexpr = PV8 and NSTAGE8 > NSTAGE_
+    KW: gl.constexpr = 32 if FP8 else 16   # wgmma's K step: 32 for e4m3 operands, 16 for 16-bit ones
+    KP: gl.constexpr = 32 if PV8 else 16
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, KW])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, KP])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4 if PV8 else 2)
     s_row: gl.constexpr = gl.SliceLayout(1, s_layout)
+    s_col: gl.constexpr = gl.SliceLayout(0, s_layout)
     o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    q_tile = q_smem.index(WG)   # this group's 64 query rows; dead after its loop, then the output's staging
-    q = q_tile.reshape([WM, D])
     row0 = m0 + WG * WM
-    if n > 0:
-        # per-row key range of the element mask: [0, L-1] for text rows / full heads, [q - w, q + w] for image rows
-        offs_m = row0 + gl.arange(0, WM, layout=s_row)
-        wp = gl.maximum(w, 0)
-        img_row = (offs_m >= T) & (w >= 0)
-        lo = gl.where(img_row, offs_m - wp, 0)
-        hi = gl.minimum(gl.where(img_row, offs_m + wp, L - 1), L - 1)
-        zero_s = gl.zeros([WM, BN], gl.float32, s_layout)
-        acc = gl.zeros([WM, D], gl.float32, o_layout)
-        m_i = gl.full([WM], -1.0e30, gl.float32, s_row)   # finite: a fully masked tile adds exactly 0, no NaN
-        l_i = gl.full([WM], 0.0, gl.float32, s_row)
-        mbarrier.wait(q_bar, 0)
-        # tile 0: scores and softmax only
-        mbarrier.wait(kv_ready.index(0), 0)
+    # per-row key range of the element mask: [0, L-1] for text rows / full heads, [q - w, q + w] for image rows
+    offs_m = row0 + gl.arange(0, WM, layout=s_row)
+    wp = gl.maximum(w, 0)
+    img_row = (offs_m >= T) & (w >= 0)
+    lo = gl.where(img_row, offs_m - wp, 0)
+    hi = gl.minimum(gl.where(img_row, offs_m + wp, L - 1), L - 1)
+    zero_s = gl.zeros([WM, BN], gl.float32, s_layout)
+    acc = gl.zeros([WM, D], gl.float32, o_layout)
+    m_i = gl.full([WM], -1.0e30, gl.float32, s_row)   # finite: a fully masked tile adds exactly 0, no NaN
+    l_i = gl.full([WM], 0.0, gl.float32, s_row)
+    bh = b.to(gl.int64) * H + h
+    if FP8:
+        sq = gl.load(SQ + bh * gl.cdiv(L, BM) + m0 // BM)   # this query tile's scale, softmax scale included
+        scale = 1.0
+    else:
+        sq = 0.0
+        scale = qk_scale
+    mbarrier.wait(q_bar, 0)
+    # tile 0: scores and softmax only
+    mbarrier.wait(kv_ready.index(0), 0)
+    if PP:
         mbarrier.wait(turn.index(WG), 0)
-        sc = warpgroup_mma(q, k_smem.index(0).reshape([BN, D]).permute((1, 0)), zero_s, use_acc=False,
-                           is_async=True)
+    sc = _qk(q_smem, k_smem, 0, zero_s, desc_q8, desc_k8, WG, WM, BN, D, FP8, DEEP)
+    if PP:
         mbarrier.arrive(turn.index(1 - WG), count=1)
-        sc = warpgroup_mma_wait(0, deps=[sc])
-        start = _tile_start(0, nu, nu1, u2, na1, na2, a1, a2, a3, BN)
-        p, alpha, m_i, l_i = _scores(sc, start, nu, 0, T, lo, hi, qk_scale, m_i, l_i, s_layout, BN)
-        pb = gl.convert_layout(p.to(dtype), p_layout)
-        for t in range(1, n):
-            s = t % NSTAGE
-            sp = (t - 1) % NSTAGE
-            mbarrier.wait(kv_ready.index(s), (t // NSTAGE) & 1)
+    sc = warpgroup_mma_wait(0, deps=[sc])
+    start = _tile_start(0, nu, nu1, u2, na1, na2, a1, a2, a3, BN)
+    if FP8:
+        sc = sc * (sk_smem.index(0).reshape([BN]).load(s_col) * sq)[None, :]
+    p, alpha, m_i, l_i = _scores(sc, start, nu, 0, T, lo, hi, scale, m_i, l_i, s_layout, BN, PV8, DIAG)
+    pb = _p_operand(p, p_layout, dtype, PV8)
+    for t in range(1, n):
+        s = t % NSTAGE
+        sp = (t - 1) % NSTAGE
+        mbarrier.wait(kv_ready.index(s), (t // NSTAGE) & 1)
+        if PP:
             mbarrier.wait(turn.index(WG), t & 1)
-            sc = warpgroup_mma(q, k_smem.index(s).reshape([BN, D]).permute((1, 0)), zero_s, use_acc=False,
-                               is_async=True)
-            acc = warpgroup_mma(pb, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
+        sc = _qk(q_smem, k_smem, s, zero_s, desc_q8, desc_k8, WG, WM, BN, D, FP8, DEEP)
+        acc = _pv(pb, v_smem, sp, acc, desc_v8, BN, D, PV8, DEEP)
+        if PP:
             mbarrier.arrive(turn.index(1 - WG), count=1)
-            sc = warpgroup_mma_wait(1, deps=[sc])
-            start = _tile_start(t, nu, nu1, u2, na1, na2, a1, a2, a3, BN)
-            p, alpha, m_i, l_i = _scores(sc, start, nu, t, T, lo, hi, qk_scale, m_i, l_i, s_layout, BN)
-            acc = warpgroup_mma_wait(0, deps=[acc])
-            mbarrier.arrive(kv_empty.index(sp), count=1)
-            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
-            pb = gl.convert_layout(p.to(dtype), p_layout)
-        sl = (n - 1) % NSTAGE
-        mbarrier.wait(turn.index(WG), n & 1)
-        acc = warpgroup_mma(pb, v_smem.index(sl).reshape([BN, D]), acc, is_async=True)
-        mbarrier.arrive(turn.index(1 - WG), count=1)
+        start = _tile_start(t, nu, nu1, u2, na1, na2, a1, a2, a3, BN)
+        if FP8:  # the tile's key scales (the producer's TMA put them beside the keys; zeros past L)
+            ks = sk_smem.index(s).reshape([BN]).load(s_col) * sq
+        sc = warpgroup_mma_wait(1, deps=[sc])
+        if FP8:
+            sc = sc * ks[None, :]
+        p, alpha, m_i, l_i = _scores(sc, start, nu, t, T, lo, hi, scale, m_i, l_i, s_layout, BN, PV8, DIAG)
         acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(kv_empty.index(sl), count=1)
-        # rows past L may hold 0/0: the TMA store clips them
-        o = acc / gl.convert_layout(l_i, o_row)[:, None]
-        q.store(o.to(dtype))
-        fence_async_shared()
-        _store_rows(desc_o, b, h, row0, q_tile, FLAT)
-        tma.store_wait(0)
+        mbarrier.arrive(kv_empty.index(sp), count=1)
+        if DIAG != 2 and DIAG != 3:
+            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+        pb = _p_operand(p, p_layout, dtype, PV8)
+    sl = (n - 1) % NSTAGE
+    if PP:
+        mbarrier.wait(turn.index(WG), n & 1)
+    acc = _pv(pb, v_smem, sl, acc, desc_v8, BN, D, PV8, DEEP)
+    if PP:
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    mbarrier.arrive(kv_empty.index(sl), count=1)
+    # rows past L may hold 0/0: the TMA store clips them
+    o = acc / gl.convert_layout(l_i, o_row)[:, None]
+    if PV8:   # V's per-channel scales (the pre-pass's amax per channel / 448, the same floor)
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        o = o * gl.maximum(gl.load(SV + bh * D + offs_d) / _FP8_MAX, _FP8_MIN_SCALE)[None, :]
+    q_tile = q_smem.index(WG)   # this group's Q rows are dead: stage the output there
+    q_tile.reshape([WM, D]).store(o.to(dtype))
+    fence_async_shared()
+    _store_rows(desc_o, b, h, row0, q_tile, FLAT)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _consumer(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, desc_v8, SQ,
+              SV,
+              b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8, H, L, T, qk_scale,
+              WG: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE: gl.constexpr,
+              FLAT: gl.constexpr, ZERO_SKIP: gl.constexpr, QUANT: gl.constexpr, PV8: gl.constexpr,
+              PP8: gl.constexpr, DIAG: gl.constexpr, NSTAGE8: gl.constexpr):
+    if n > 0:
+        if QUANT and fp8 != 0:
+            _item(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, desc_v8,
+                  SQ, SV, b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, H, L, T, qk_scale,
+                  WG, BM, BN, D, NSTAGE, FLAT, True, PV8, PP8, DIAG, NSTAGE8)
+        else:
+            _item(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, desc_v8,
+                  SQ, SV, b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, H, L, T, qk_scale,
+                  WG, BM, BN, D, NSTAGE, FLAT, False, False, True, DIAG, NSTAGE)
     elif ZERO_SKIP:
         # functional API: a skipped head's rows come back as zeros
-        q.store(gl.zeros([WM, D], dtype, o_layout))
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, D, 16])
+        q_tile = q_smem.index(WG)
+        q_tile.reshape([64, D]).store(gl.zeros([64, D], desc_o.dtype, o_layout))
         fence_async_shared()
-        _store_rows(desc_o, b, h, row0, q_tile, FLAT)
+        _store_rows(desc_o, b, h, m0 + WG * 64, q_tile, FLAT)
         tma.store_wait(0)
 
 
@@ -188,9 +346,11 @@ def _rank_heads(HW, H, H_PAD: gl.constexpr):
 
 
 @gluon.jit
-def _arrow_fwd_gluon(desc_q, desc_k, desc_v, desc_o, HW, B, H, L, T, qk_scale,
-                     H_PAD: gl.constexpr, FLAT: gl.constexpr, ZERO_SKIP: gl.constexpr,
-                     BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE: gl.constexpr):
+def _arrow_fwd_gluon(desc_q, desc_k, desc_v, desc_o, HW, desc_q8, desc_k8, desc_v8, desc_sk, SQ, SV, HQ, B, H, L, T,
+                     qk_scale, H_PAD: gl.constexpr, FLAT: gl.constexpr, ZERO_SKIP: gl.constexpr,
+                     BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE: gl.constexpr,
+                     QUANT: gl.constexpr, PV8: gl.constexpr, PP8: gl.constexpr, DIAG: gl.constexpr,
+                     NSTAGE8: gl.constexpr):
     pid = gl.program_id(0)
     rows, rank, n_full, n_arrow = _rank_heads(HW, H, H_PAD)
     # ---- item -> (head, batch, query tile): long items first, exactly as arrow_triton._work ----
@@ -223,7 +383,9 @@ def _arrow_fwd_gluon(desc_q, desc_k, desc_v, desc_o, HW, B, H, L, T, qk_scale,
     si = ((w >= 0) & (m0 < T) & (m0 + BM > T)).to(gl.int32)
     ii = (1 - di) * (1 - si)
     wp = gl.maximum(w, 0)
-    s0 = gl.maximum(m0 - wp, Tc)
+    # the band's first tile starts on a multiple of 16 keys (the element mask stays token-exact): the FP8 P·V's
+    # permuted key order (`_p_operand`) is per aligned group of 16
+    s0 = gl.maximum((m0 - wp) // 16 * 16, Tc)
     e0 = gl.minimum(m0 + BM + wp, L)
     nb = gl.maximum(gl.cdiv(gl.maximum(e0 - s0, 0), BN), 0)
     fk_lo = gl.maximum(m0 + BM - 1 - wp, s0)
@@ -243,6 +405,10 @@ def _arrow_fwd_gluon(desc_q, desc_k, desc_v, desc_o, HW, B, H, L, T, qk_scale,
     a3 = s0 + j_hi * BN
     nu = nu1 + nu2
     n = nu + na1 + na2 + na3
+    if QUANT:  # this head's Q·Kᵀ in e4m3 (HQ[h] = 1)
+        fp8 = gl.load(HQ + h)
+    else:
+        fp8 = 0
 
     if FLAT:
         q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, 1, BM // 2, 1, D], desc_q.layout)
@@ -252,26 +418,32 @@ def _arrow_fwd_gluon(desc_q, desc_k, desc_v, desc_o, HW, B, H, L, T, qk_scale,
         q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, 1, 1, BM // 2, D], desc_q.layout)
         k_smem = gl.allocate_shared_memory(desc_k.dtype, [NSTAGE, 1, 1, BN, D], desc_k.layout)
         v_smem = gl.allocate_shared_memory(desc_v.dtype, [NSTAGE, 1, 1, BN, D], desc_v.layout)
+    NB: gl.constexpr = NSTAGE8 if (QUANT and PV8 and NSTAGE8 > NSTAGE) else NSTAGE   # barriers per ring
+    if QUANT:   # the K scales of each ring slot's tile (FP8 items)
+        sk_smem = gl.allocate_shared_memory(gl.float32, [NB, 1, 1, BN], desc_sk.layout)
+    else:
+        sk_smem = gl.allocate_shared_memory(gl.float32, [1, 1, 1, 4], gl.NVMMASharedLayout(0, 32, rank=3))
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(NSTAGE):
+    for i in gl.static_range(NB):
         mbarrier.init(kv_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     mbarrier.arrive(turn.index(0), count=1)   # consumer 0 issues first
     gl.warp_specialize([
-        (_consumer, (desc_o, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn,
-                     b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, L, T, qk_scale,
-                     0, BN, D, NSTAGE, FLAT, ZERO_SKIP)),
-        (_consumer, (desc_o, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn,
-                     b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, L, T, qk_scale,
-                     1, BN, D, NSTAGE, FLAT, ZERO_SKIP)),
-        (_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty,
-                     b, h, m0, n, nu, nu1, u2, na1, na2, a1, a2, a3, BM // 2, BN, NSTAGE, FLAT)),
+        (_consumer, (desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8,
+                     desc_v8, SQ, SV, b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8, H, L, T, qk_scale,
+                     0, BM, BN, D, NSTAGE, FLAT, ZERO_SKIP, QUANT, PV8, PP8, DIAG, NSTAGE8)),
+        (_consumer, (desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8,
+                     desc_v8, SQ, SV, b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8, H, L, T, qk_scale,
+                     1, BM, BN, D, NSTAGE, FLAT, ZERO_SKIP, QUANT, PV8, PP8, DIAG, NSTAGE8)),
+        (_producer, (desc_q, desc_k, desc_v, desc_q8, desc_k8, desc_v8, desc_sk, q_smem, k_smem, v_smem, sk_smem, q_bar,
+                     kv_ready, kv_empty,
+                     b, h, m0, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8, BM // 2, BN, D, NSTAGE, NSTAGE8, FLAT, QUANT, PV8)),
     ], [4, 1], [232, 40])
 
 
@@ -302,44 +474,72 @@ def _desc(x: torch.Tensor, layout: str, H: int, rows: int) -> TensorDescriptor:
 
 
 class Plan:
-    """Launch plan for one cache key: the grid, the scalar arguments and four TMA descriptors whose `base` is
-    re-pointed at each call's tensors (and dropped after the launch, so the plan holds no tensor)."""
+    """Launch plan for one cache key: the grid, the scalar arguments and the TMA descriptors. Those of q, k, v and out
+    get their `base` re-pointed at each call's tensors (and dropped after the launch, so the plan holds no tensor);
+    an FP8 plan also holds descriptors of the pre-pass's e4m3 Q and K (the workspace it owns) and its scale buffers."""
 
-    __slots__ = ("grid", "descs", "scalars", "consts", "runner")
+    __slots__ = ("grid", "descs", "quant", "scalars", "consts", "runner")
     grid: tuple[int, int, int]
     descs: list[TensorDescriptor]
+    quant: tuple            # (desc_q8, desc_k8, desc_v8, desc_sk, SQ, SV), or () for a plan without FP8 heads
     scalars: tuple
     consts: dict
     runner: Any   # None: not built yet; False: the direct launcher failed once; else Triton's compiled launcher
 
 
-def build(q, k, v, out, H: int, L: int, B: int, txt_len: int, layout: str, sm_scale, zero_skip: bool) -> Plan:
+def build(q, k, v, out, H: int, L: int, B: int, txt_len: int, layout: str, sm_scale, zero_skip: bool,
+          quant=None, pv8: bool = True) -> Plan:
+    """`quant`: the FP8 pre-pass workspace (`arrow_triton._QuantBuffers`: e4m3 Q and K as [B, H, L, D], one Q scale per
+    128-row query tile, per-token K scales; e4m3 Vᵀ as [B, H, D, L16] with its per-channel amax) when the call has FP8
+    heads, else None. `pv8`: FP8 heads' P·V in e4m3 (else bf16; the research switch of kernels/NOTES.md)."""
     plan = Plan()
     plan.grid = (max(math.ceil(L / BLOCK_M) * B * H, 1), 1, 1)
     plan.descs = [_desc(q, layout, H, BLOCK_M // 2), _desc(k, layout, H, BLOCK_N), _desc(v, layout, H, BLOCK_N),
                   _desc(out, layout, H, BLOCK_M // 2)]
+    if quant is not None:
+        f8 = gl.float8e4nv
+        qb, kb, vb = [1, 1, BLOCK_M // 2, HEAD_DIM], [1, 1, BLOCK_N, HEAD_DIM], [1, 1, HEAD_DIM, BLOCK_N]
+        d8 = [TensorDescriptor(x, list(x.shape), list(x.stride()), blk, gl.NVMMASharedLayout.get_default_for(blk, f8))
+              for x, blk in ((quant.q8, qb), (quant.k8, kb), (quant.v8t if pv8 else quant.k8, vb))]
+        sk, sb = quant.sk, [1, 1, BLOCK_N]   # [B, H, L] in rows padded to 16 bytes
+        d_sk = TensorDescriptor(sk, [B, H, L], list(sk.stride()), sb,
+                                gl.NVMMASharedLayout.get_default_for(sb, gl.float32))
+        plan.quant = (*d8, d_sk, quant.sq, quant.va)   # without pv8: K's as Vᵀ's stand-in (never read)
+    else:
+        plan.quant = ()
     scale = (1.0 / math.sqrt(HEAD_DIM) if sm_scale is None else float(sm_scale)) * _LOG2E
     plan.scalars = (B, H, L, int(txt_len), scale)
     plan.consts = dict(H_PAD=max(1 << (H - 1).bit_length(), 2), FLAT=layout == "blhd_flat", ZERO_SKIP=bool(zero_skip),
-                       BM=BLOCK_M, BN=BLOCK_N, D=HEAD_DIM, NSTAGE=STAGES)
+                       BM=BLOCK_M, BN=BLOCK_N, D=HEAD_DIM, NSTAGE=STAGES, QUANT=quant is not None,
+                       PV8=bool(pv8) and quant is not None, PP8=bool(PINGPONG8), DIAG=int(DIAG), NSTAGE8=int(STAGES8))
     plan.runner = None
     for d in plan.descs:
         d.base = None
     return plan
 
 
-def launch(plan: Plan, q, k, v, out, head_window) -> None:
+def _args(plan: Plan, head_window, head_quant) -> tuple:
+    d = plan.descs
+    # without FP8 heads the FP8 operands are never read: pass the bf16 descriptors and the head table as stand-ins
+    quant = (*plan.quant, head_quant) if plan.quant else (d[0], d[1], d[2], d[0], *(head_window,) * 3)
+    return (*d, head_window, *quant, *plan.scalars)
+
+
+def launch(plan: Plan, q, k, v, out, head_window, head_quant=None) -> None:
+    """Run the plan on these tensors (same shapes, strides and dtypes as the plan's key). With FP8 heads the caller has
+    run the pre-pass into the plan's workspace first (`arrow_triton._quantize`)."""
     d = plan.descs
     d[0].base, d[1].base, d[2].base, d[3].base = q, k, v, out
     try:
         runner = plan.runner
+        args = _args(plan, head_window, head_quant)
         if runner:
             try:
-                runner(*d, head_window, *plan.scalars, stream=torch._C._cuda_getCurrentRawStream(q.device.index))
+                runner(*args, stream=torch._C._cuda_getCurrentRawStream(q.device.index))
                 return
             except (TypeError, AttributeError):
                 plan.runner = runner = False   # Triton-internal launcher changed: use the JIT path
-        compiled = _arrow_fwd_gluon[plan.grid](*d, head_window, *plan.scalars, **plan.consts, num_warps=4)
+        compiled = _arrow_fwd_gluon[plan.grid](*args, **plan.consts, num_warps=4)
         if runner is None and compiled is not None:
             plan.runner = getattr(compiled, "__getitem__", lambda grid: None)(plan.grid)
     finally:
@@ -347,7 +547,7 @@ def launch(plan: Plan, q, k, v, out, head_window) -> None:
 
 
 def compile_sm90(*, B: int, H: int, L: int, T: int, layout: str = "bhld", zero_skip: bool = False,
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, quant: bool = False, pv8: bool = True):
     """Compile for sm90 on a machine without that GPU (CPU tensors stand in; Triton-internal API, a check tool)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -356,7 +556,15 @@ def compile_sm90(*, B: int, H: int, L: int, T: int, layout: str = "bhld", zero_s
     from triton.runtime.jit import create_function_from_signature
 
     x = torch.empty((B, H, L, HEAD_DIM) if layout == "bhld" else (B, L, H * HEAD_DIM), dtype=dtype)
-    plan = build(x, x, x, x, H, L, B, T, layout, None, zero_skip)
+    qb = None
+    if quant:
+        from types import SimpleNamespace
+
+        f8 = torch.empty((B, H, L, HEAD_DIM), dtype=torch.float8_e4m3fn)
+        v8t = torch.empty((B, H, HEAD_DIM, -(-L // 16) * 16), dtype=torch.float8_e4m3fn)
+        qb = SimpleNamespace(q8=f8, k8=f8, v8t=v8t, sq=torch.empty((B, H, math.ceil(L / BLOCK_M))),
+                             sk=torch.empty((B, H, (L + 3) // 4 * 4)), va=torch.empty((B, H, HEAD_DIM)))
+    plan = build(x, x, x, x, H, L, B, T, layout, None, zero_skip, qb, pv8)
     for dsc in plan.descs:
         dsc.base = x
     hw = torch.empty(H, dtype=torch.int32)
@@ -365,6 +573,6 @@ def compile_sm90(*, B: int, H: int, L: int, T: int, layout: str = "bhld", zero_s
     fn = _arrow_fwd_gluon
     opts = dict(plan.consts, num_warps=4)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(*plan.descs, hw, *plan.scalars, **opts)
+    bound, specialization, options = binder(*_args(plan, hw, hw), **opts)
     options, signature, constexprs, attrs = fn._pack_args(backend, {"num_warps": 4}, bound, specialization, options)
     return triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)

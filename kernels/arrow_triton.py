@@ -76,14 +76,17 @@ def _to_fp8(x, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _quant_fwd(Q, K, HQ, KM, Q8, K8, SQ, SK,
-               sqb, sqh, sql, sqd, skb, skh, skl, skd,
-               H, L, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+def _quant_fwd(Q, K, V, HQ, KM, Q8, K8, SQ, SK, V8T, VA,
+               sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+               H, L, L16, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr, PV8: tl.constexpr):
     """Quantization pre-pass of the FP8 heads: one program per (query tile, batch x head); bf16 heads load and store
     nothing. Q8, K8: [B, H, L, D] e4m3. SQ [B, H, tiles]: one scale per tile of BLOCK query rows (the kernel's
-    BLOCK_M), times the softmax scale in log2 units. SK [B, H, L]: per-token scales of K after subtracting its
-    per-channel mean KM (softmax-invariant; it takes the shared offset out of K's range)."""
+    BLOCK_M), times the softmax scale in log2 units. SK [B, H, L4 >= L]: per-token scales of K after subtracting its
+    per-channel mean KM (softmax-invariant; it takes the shared offset out of K's range).
+    PV8 (kernel v3's e4m3 P·V): V8T [B, H, D, L16] e4m3 = V / (its channel's amax VA / 448), transposed (wgmma's e4m3
+    operands are K-major) and with the keys of each aligned 16 in the order kernel v3's P registers hold them: key
+    16g + 8h + 2t + i at column 16g + 4t + 2h + i (`arrow_gluon._p_operand`); columns L..L16 are zeros."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -105,7 +108,16 @@ def _quant_fwd(Q, K, HQ, KM, Q8, K8, SQ, SK,
     sk = tl.maximum(tl.max(tl.abs(k), 1) / _FP8_MAX, _FP8_MIN_SCALE)
     tl.store(K8 + bh64 * L * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], _to_fp8(k / sk[:, None], INTERP),
              mask=ok)
-    tl.store(SK + bh64 * L + rows, sk, mask=row_ok)
+    tl.store(SK + bh64 * ((L + 3) // 4 * 4) + rows, sk, mask=row_ok)   # rows of SK: 16-byte aligned (kernel v3's TMA)
+    if PV8:
+        v = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + rows[:, None] * svl + offs_d[None, :] * svd,
+                    mask=ok, other=0.0).to(tl.float32)
+        sv = tl.maximum(tl.load(VA + bh64 * HEAD_DIM + offs_d) / _FP8_MAX, _FP8_MIN_SCALE)
+        r = rows % 16
+        col = rows - r + 4 * ((r >> 1) & 3) + 2 * ((r >> 3) & 1) + (r & 1)
+        tl.store(V8T + bh64 * HEAD_DIM * L16 + offs_d[None, :] * L16 + col[:, None],
+                 _to_fp8(v / sv[None, :], INTERP),
+                 mask=(rows < L16)[:, None] & live)
 
 
 @triton.jit
@@ -273,7 +285,7 @@ def _attend(Q, K, V, qdesc, kdesc, vdesc, Q8, K8, SQ, SK, q8desc, k8desc,
     v_base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
     bh8 = b.to(tl.int64) * H + h
     kv8_base = bh8 * L * HEAD_DIM
-    sk_base = bh8 * L
+    sk_base = bh8 * ((L + 3) // 4 * 4)   # SK's rows are padded to 4 floats (`_QuantBuffers`)
     if FP8:
         if USE_TMA:
             q = q8desc.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
@@ -641,15 +653,22 @@ class _QuantBuffers:
     (one per query tile of Q; per token of K) and K's per-channel means. Under the interpreter the "e4m3" buffers
     are fp32 holding e4m3 values (see `_to_fp8`)."""
 
-    __slots__ = ("q8", "k8", "sq", "sk", "km", "block_m")
+    __slots__ = ("q8", "k8", "sq", "sk", "km", "block_m", "v8t", "va")
 
-    def __init__(self, B: int, H: int, L: int, D: int, block_m: int, device: torch.device, interp: bool) -> None:
+    def __init__(self, B: int, H: int, L: int, D: int, block_m: int, device: torch.device, interp: bool,
+                 pv8: bool = False) -> None:
         dt = torch.float32 if interp else torch.float8_e4m3fn
         self.block_m = block_m
+        # kernel v3's e4m3 P·V: Vᵀ with the keys padded to a multiple of 16 (TMA's 16-byte row stride), V's amax per
+        # channel; else 1-element stand-ins (never read)
+        l16 = triton.cdiv(L, 16) * 16 if pv8 else 1
+        self.v8t = torch.empty((B, H, D, l16) if pv8 else (1,), dtype=dt, device=device)
+        self.va = torch.empty((B, H, D) if pv8 else (1,), dtype=torch.float32, device=device)
         self.q8 = torch.empty((B, H, L, D), dtype=dt, device=device)
         self.k8 = torch.empty((B, H, L, D), dtype=dt, device=device)
         self.sq = torch.empty((B, H, triton.cdiv(L, block_m)), dtype=torch.float32, device=device)
-        self.sk = torch.empty((B, H, L), dtype=torch.float32, device=device)
+        # one row of K scales per (batch, head), padded to a multiple of 4 floats: 16-byte rows for kernel v3's TMA
+        self.sk = torch.empty((B, H, (L + 3) // 4 * 4), dtype=torch.float32, device=device)
         self.km = torch.empty((B, H, D), dtype=torch.float32, device=device)
 
     def descriptors(self, BN: int) -> list:
@@ -663,15 +682,16 @@ class _QuantBuffers:
 _WORKSPACES: dict = {}
 
 
-def _workspace(B: int, H: int, L: int, D: int, block_m: int, device: torch.device, interp: bool) -> _QuantBuffers:
+def _workspace(B: int, H: int, L: int, D: int, block_m: int, device: torch.device, interp: bool,
+               pv8: bool = False) -> _QuantBuffers:
     """One FP8 workspace per geometry and device (every layer of a model shares it; launches on one stream are
     ordered, so reuse is safe)."""
-    key = (B, H, L, D, block_m, device, interp)
+    key = (B, H, L, D, block_m, device, interp, pv8)
     ws = _WORKSPACES.get(key)
     if ws is None:
         if len(_WORKSPACES) >= 8:
             _WORKSPACES.clear()
-        ws = _WORKSPACES[key] = _QuantBuffers(B, H, L, D, block_m, device, interp)
+        ws = _WORKSPACES[key] = _QuantBuffers(B, H, L, D, block_m, device, interp, pv8)
     return ws
 
 
@@ -762,8 +782,7 @@ def _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, us
         plan.quant = qb = _workspace(B, H, L, D, cfg["BLOCK_M"], q.device, interp)
         sm = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
         plan.qgrid = (triton.cdiv(L, qb.block_m), B * H, 1)
-        plan.qtail = (qb.km, qb.q8, qb.k8, qb.sq, qb.sk, *_strides_4d(q, layout, H, D), *_strides_4d(k, layout, H, D),
-                      H, L, float(sm) * _LOG2E, D, qb.block_m, interp)
+        plan.qtail = _quant_tail(qb, q, k, v, layout, H, L, D, sm, interp, False)
         plan.views = lambda x: _bhld_view(x, H, layout)
     plan.grid, args, plan.opts = _kernel_args(q, k, v, out, head_window, txt_len, layout, sm_scale, cfg,
                                               use_tma=use_tma, interp=interp, zero_skip=zero_skip,
@@ -783,16 +802,27 @@ def _bhld_view(x: torch.Tensor, H: int, layout: str) -> torch.Tensor:
     return x.unflatten(-1, (H, x.shape[-1] // H)).transpose(1, 2)
 
 
-def _quantize(plan: _Plan, q, k, head_quant) -> None:
-    """The FP8 pre-pass: K's per-channel mean (one reduction over the tokens), then one kernel that quantizes the
-    FP8 heads' Q and K into the plan's workspace."""
+def _quant_tail(qb: _QuantBuffers, q, k, v, layout: str, H: int, L: int, D: int, sm_scale: float, interp: bool,
+                pv8: bool) -> tuple:
+    """`_quant_fwd`'s arguments after (Q, K, V, HQ), its four constexprs last."""
+    return (qb.km, qb.q8, qb.k8, qb.sq, qb.sk, qb.v8t, qb.va, *_strides_4d(q, layout, H, D),
+            *_strides_4d(k, layout, H, D), *_strides_4d(v, layout, H, D), H, L, qb.v8t.shape[-1],
+            float(sm_scale) * _LOG2E, D, qb.block_m, interp, pv8)
+
+
+def _quantize(plan, q, k, v, head_quant) -> None:
+    """The FP8 pre-pass: K's per-channel mean (one reduction over the tokens; with e4m3 P·V also V's per-channel
+    amax), then one kernel that quantizes the FP8 heads' Q and K (and Vᵀ) into the plan's workspace."""
     torch.mean(plan.views(k), dim=2, dtype=torch.float32, out=plan.quant.km)
+    D, blk, interp, pv8 = plan.qtail[-4:]
+    if pv8:
+        torch.linalg.vector_norm(plan.views(v), float("inf"), dim=2, dtype=torch.float32, out=plan.quant.va)
     runner = plan.qrunner
     if runner:
-        runner(q, k, head_quant, *plan.qtail, stream=torch._C._cuda_getCurrentRawStream(plan.device_index))
+        runner(q, k, v, head_quant, *plan.qtail, stream=torch._C._cuda_getCurrentRawStream(plan.device_index))
         return
-    D, blk, interp = plan.qtail[-3:]
-    compiled = _quant_fwd[plan.qgrid](q, k, head_quant, *plan.qtail[:-3], HEAD_DIM=D, BLOCK=blk, INTERP=interp)
+    compiled = _quant_fwd[plan.qgrid](q, k, v, head_quant, *plan.qtail[:-4], HEAD_DIM=D, BLOCK=blk, INTERP=interp,
+                                      PV8=pv8)
     if compiled is not None and not interp and q.device.type == "cuda":
         plan.qrunner = getattr(compiled, "__getitem__", lambda grid: None)(plan.qgrid)
 
@@ -823,8 +853,16 @@ def _gluon():
     return _gluon_mod or None
 
 
-def _gluon_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip):
-    """Kernel v3's launch plan for this call, or None where it does not apply (the Triton kernel runs it)."""
+class _QuantStep:
+    """The FP8 pre-pass of a kernel-v3 plan: the attributes `_quantize` reads (workspace, its launch geometry and
+    arguments, the cached launcher)."""
+
+    __slots__ = ("quant", "qgrid", "qtail", "qrunner", "views", "device_index")
+
+
+def _gluon_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, head_quant=None):
+    """Kernel v3's launch plan for this call -- (plan, FP8 pre-pass or None) -- or None where it does not apply (the
+    Triton kernel runs it)."""
     H = head_window.shape[0]
     B, L, D = _geometry(q, H, layout)
     g = _gluon()
@@ -834,28 +872,42 @@ def _gluon_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip)
     o = torch.empty_like(q) if out is None else out
     if not _tma_ok((q, k, v, o)):
         return None
-    return g.build(q, k, v, o, H, L, B, txt_len, layout, sm_scale, zero_skip)
+    step = None
+    if head_quant is not None:
+        step = _QuantStep()
+        step.quant = qb = _workspace(B, H, L, D, g.BLOCK_M, q.device, False, g.PV8)
+        sm = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+        step.qgrid = (triton.cdiv(L, qb.block_m), B * H, 1)
+        step.qtail = _quant_tail(qb, q, k, v, layout, H, L, D, sm, False, g.PV8)
+        step.qrunner = None
+        step.views = lambda x: _bhld_view(x, H, layout)
+        step.device_index = q.device.index
+    return g.build(q, k, v, o, H, L, B, txt_len, layout, sm_scale, zero_skip, None if step is None else step.quant,
+                   g.PV8), step
 
 
-def _try_gluon(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, fast, v2_key):
+def _try_gluon(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, fast, v2_key, head_quant=None):
     """Run the call on kernel v3 if it applies: the output, else None. Its plan is cached beside v2's under
     ("gluon", v2's key) -- None where v3 does not apply, so such calls cost one lookup. A failure disables v3 for the
     process with one warning (the call and all later ones then run on the Triton kernel)."""
     global GLUON
     key = ("gluon", v2_key)
-    plan = _PLANS.get(key, False) if fast else False
+    entry = _PLANS.get(key, False) if fast else False
     try:
-        if plan is False:
-            plan = _gluon_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip)
+        if entry is False:
+            entry = _gluon_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, head_quant)
             if fast:
                 if len(_PLANS) >= _PLANS_MAX:
                     _PLANS.clear()
-                _PLANS[key] = plan
-        if plan is None:
+                _PLANS[key] = entry
+        if entry is None:
             return None
+        plan, step = entry
         if out is None:
             out = torch.empty_like(q)
-        _gluon().launch(plan, q, k, v, out, head_window)
+        if step is not None:
+            _quantize(step, q, k, v, head_quant)
+        _gluon().launch(plan, q, k, v, out, head_window, head_quant)
         return out
     except ValueError:
         raise  # bad input: the same error the Triton path gives
@@ -889,9 +941,8 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
         head_quant = None
     key = _plan_key(q, k, v, head_window, txt_len, layout, sm_scale, out, config, use_tma, zero_skip,
                     head_quant is not None)
-    if (GLUON and config is None and use_tma is None and head_quant is None and q.device.type == "cuda"
-            and not _interpreting()):
-        res = _try_gluon(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, fast, key)
+    if GLUON and config is None and use_tma is None and q.device.type == "cuda" and not _interpreting():
+        res = _try_gluon(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, fast, key, head_quant)
         if res is not None:
             return res
     plan = _PLANS.get(key) if fast else None
@@ -907,7 +958,7 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
     if plan.empty:
         return out
     if plan.quant is not None:
-        _quantize(plan, q, k, head_quant)
+        _quantize(plan, q, k, v, head_quant)
     hq = head_window if head_quant is None else head_quant
     descs = plan.descs
     if descs is not None:

@@ -42,11 +42,11 @@ if not pathlib.Path(knobs.nvidia.ptxas.path).is_file():
 spec = importlib.util.spec_from_file_location("_dfav2_arrow_gluon", sys.argv[1])
 g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)
 out = {}
-for B, H, L, T, layout, zs, dt in json.loads(sys.argv[2]):
+for B, H, L, T, layout, zs, dt, quant in json.loads(sys.argv[2]):
     dtype = torch.float16 if dt == "fp16" else torch.bfloat16
-    key = json.dumps([B, H, L, T, layout, zs, dt])
+    key = json.dumps([B, H, L, T, layout, zs, dt, quant])
     try:
-        k = g.compile_sm90(B=B, H=H, L=L, T=T, layout=layout, zero_skip=zs, dtype=dtype)
+        k = g.compile_sm90(B=B, H=H, L=L, T=T, layout=layout, zero_skip=zs, dtype=dtype, quant=quant)
     except Exception as exc:
         out[key] = {"error": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
         continue
@@ -58,16 +58,18 @@ for B, H, L, T, layout, zs, dt in json.loads(sys.argv[2]):
     log = r.stdout + r.stderr
     out[key] = {"shared": k.metadata.shared, "ptxas": [ln for ln in log.splitlines() if "Used" in ln or "spill" in ln or "C75" in ln],
                 "tma": "cp.async.bulk.tensor" in k.asm["ptx"], "wgmma": "wgmma.mma_async" in k.asm["ptx"],
-                "setmaxnreg": "setmaxnreg" in k.asm["ptx"]}
+                "setmaxnreg": "setmaxnreg" in k.asm["ptx"], "e4m3": "e4m3.e4m3" in k.asm["ptx"]}
 print(json.dumps(out))
 """
 
-V3_CASES = [  # B, H, L, T, layout, zero_skip, dtype
-    (1, 24, 4608, 512, "bhld", False, "bf16"),
-    (2, 3, 1000, 77, "blhd_flat", False, "fp16"),
-    (1, 1, 1, 1, "bhld", True, "bf16"),
-    (2, 5, 130, 0, "blhd_flat", True, "bf16"),
-    (1, 128, 300, 20, "bhld", False, "bf16"),   # MAX_HEADS: the head ranking's 128 x 128 tile
+V3_CASES = [  # B, H, L, T, layout, zero_skip, dtype, FP8 heads in the launch
+    (1, 24, 4608, 512, "bhld", False, "bf16", False),
+    (2, 3, 1000, 77, "blhd_flat", False, "fp16", False),
+    (1, 1, 1, 1, "bhld", True, "bf16", False),
+    (2, 5, 130, 0, "blhd_flat", True, "bf16", False),
+    (1, 128, 300, 20, "bhld", False, "bf16", False),   # MAX_HEADS: the head ranking's 128 x 128 tile
+    (1, 24, 4608, 512, "bhld", False, "bf16", True),
+    (2, 3, 1000, 77, "blhd_flat", False, "fp16", True),
 ]
 
 
@@ -87,6 +89,7 @@ def test_kernel_v3_compiles_for_sm90_as_launched():
         assert "0 bytes spill stores, 0 bytes spill loads" in log, (case, log)
         assert "C7514" not in log and "C7515" not in log, (case, log)
         assert info["tma"] and info["wgmma"] and info["setmaxnreg"], (case, info)
+        assert info["e4m3"] == json.loads(case)[-1], (case, info)   # e4m3 wgmma exactly where FP8 heads can run
 
 
 def test_gluon_prototype_compiles_for_sm90_without_spills_or_serialisation():

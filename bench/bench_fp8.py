@@ -3,9 +3,9 @@
 Accuracy (Flux-dev geometry, 4 heads): relative L2 and worst-row cosine of each variant against a float64 softmax
 with the same mask -- ours bf16 and FP8 (full, arrow/8), cuDNN SDPA and comfy-kitchen's INT8 attention (full).
 Time (CUDA events, median after warm-up, one process): cuDNN SDPA, comfy-kitchen INT8 (ComfyUI 0.33's
-`comfy_kitchen_int8` backend), ours bf16 and FP8 for each plan; the FP8 time includes its pre-pass (K's mean, V's
-amax + the quantization kernel), which is also timed alone. FP8 variants: as launched (kernel v3 on Hopper at
-head_dim 128: e4m3 Q·Kᵀ and P·V), `fp8 qk` (v3 with P·V in bf16) and `fp8 v2` (the Triton kernel: e4m3 Q·Kᵀ).
+`comfy_kitchen_int8` backend), ours bf16 and FP8 for each plan as launched (kernel v3 on Hopper at head_dim 128,
+else the Triton kernel) and the FP8 heads on the Triton kernel (`fp8 v2`); every FP8 time includes its pre-pass (K's
+mean + the quantization kernel), which is also timed alone.
 Inputs are random but attention-like: per-channel scales, a shared K offset (what smoothing removes), logits with
 a standard deviation of about 3.
 Usage: python bench/bench_fp8.py OUT.json [--quick]
@@ -75,19 +75,14 @@ def errors(o, ref):
     return rel, cos
 
 
-def variant(gluon=True, pv8=True, pp8=True):
-    """Route the following launches: kernel v3 or not, its FP8 P·V on or off, its FP8 items in ping-pong or not
-    (cached plans dropped)."""
+def route(v3=True):
+    """Let the following launches use kernel v3 where it applies, or force the Triton kernel (cached plans dropped)."""
     at._PLANS.clear()
-    at.GLUON = gluon
-    g = at._gluon()
-    if g is not None:
-        g.PV8 = pv8
-        g.PINGPONG8 = pp8
+    at.GLUON = v3
 
 
 def prepass(q):
-    """The pre-pass object of the cached FP8 plan for q's shape (kernel v3's step, else the Triton plan)."""
+    """The pre-pass of the cached FP8 plan for q's shape: kernel v3's step, else the Triton plan."""
     for key, e in at._PLANS.items():
         if key[0] == "gluon" and e is not None and e[1] is not None and key[1][8] == q.shape:
             return e[1]
@@ -115,11 +110,11 @@ def accuracy(device, ck):
             w = FULL if plan == "full" else N // 16
             hw = torch.full((4,), w, dtype=torch.int32, device=device)
             refs = [reference64(q[0, h], k[0, h], v[0, h], w, T) for h in range(4)]
-            variants = {"ours bf16": at.arrow_attention_triton(q, k, v, hw, T)}
-            for vname, kw in (("ours fp8", {}), ("ours fp8 qk", dict(pv8=False)), ("ours fp8 v2", dict(gluon=False))):
-                variant(**kw)
-                variants[vname] = at.arrow_attention_triton(q, k, v, hw, T, head_quant=torch.ones_like(hw))
-            variant()
+            variants = {"ours bf16": at.arrow_attention_triton(q, k, v, hw, T),
+                        "ours fp8": at.arrow_attention_triton(q, k, v, hw, T, head_quant=torch.ones_like(hw))}
+            route(v3=False)
+            variants["ours fp8 v2"] = at.arrow_attention_triton(q, k, v, hw, T, head_quant=torch.ones_like(hw))
+            route()
             if plan == "full":
                 with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                     variants["cuDNN bf16"] = sdpa(q, k, v)
@@ -152,24 +147,21 @@ def timing(device, ck, quick):
             windows = plan_windows(plan, H, N)
             hw = torch.tensor(windows, dtype=torch.int32, device=device)
             t_bf16 = bench(lambda: at.arrow_attention_triton(q, k, v, hw, T, out=out))
-            t_var = {}
-            for vname, kw in (("fp8 qk", dict(pv8=False)), ("fp8 v2", dict(gluon=False)), ("fp8", {})):
-                variant(**kw)
-                t_var[vname] = bench(lambda: at.arrow_attention_triton(q, k, v, hw, T, out=out, head_quant=ones))
-            step = prepass(q)   # the default variant's (run last)
-            t_pre = bench(lambda: at._quantize(step, q, k, v, ones))
-            t_fp8 = t_var["fp8"]
+            route(v3=False)
+            t_v2 = bench(lambda: at.arrow_attention_triton(q, k, v, hw, T, out=out, head_quant=ones))
+            route()
+            t_fp8 = bench(lambda: at.arrow_attention_triton(q, k, v, hw, T, out=out, head_quant=ones))
+            step = prepass(q)
+            t_pre = bench(lambda: at._quantize(step, q, k, ones))
             density = sum(kept_pairs(w, L, T) for w in windows) / (H * L * L)
             row = dict(shape=name, plan=plan, density=density, cudnn_ms=t_cudnn, ck_int8_ms=t_ck, bf16_ms=t_bf16,
-                       fp8_ms=t_fp8, fp8_qk_ms=t_var["fp8 qk"], fp8_v2_ms=t_var["fp8 v2"], prepass_ms=t_pre,
-                       fp8_speedup=t_bf16 / t_fp8, fp8_vs_cudnn=t_cudnn / t_fp8,
-                       fp8_vs_ck=(t_ck / t_fp8) if t_ck else None, v3=at.GLUON)
+                       fp8_ms=t_fp8, fp8_v2_ms=t_v2, prepass_ms=t_pre, fp8_speedup=t_bf16 / t_fp8, v3=at.GLUON,
+                       fp8_vs_cudnn=t_cudnn / t_fp8, fp8_vs_ck=(t_ck / t_fp8) if t_ck else None)
             rows.append(row)
             ck_s = f"{t_ck:7.3f}" if t_ck else "    n/a"
             print(f"{name:14s} {plan:7s} dens {density:5.3f} cuDNN {t_cudnn:7.3f} ck-int8 {ck_s} bf16 {t_bf16:7.3f} "
-                  f"fp8 {t_fp8:7.3f} (pre {t_pre:6.3f}; qk-only {t_var['fp8 qk']:7.3f}, v2 {t_var['fp8 v2']:7.3f}) "
-                  f"fp8/bf16 {t_bf16 / t_fp8:5.2f}x  vs cuDNN {t_cudnn / t_fp8:5.2f}x"
-                  + (f"  vs ck {t_ck / t_fp8:5.2f}x" if t_ck else ""), flush=True)
+                  f"fp8 {t_fp8:7.3f} (pre {t_pre:6.3f}; v2 {t_v2:7.3f}) fp8/bf16 {t_bf16 / t_fp8:5.2f}x  vs cuDNN "
+                  f"{t_cudnn / t_fp8:5.2f}x" + (f"  vs ck {t_ck / t_fp8:5.2f}x" if t_ck else ""), flush=True)
         del q, k, v, out
         torch.cuda.empty_cache()
     return rows

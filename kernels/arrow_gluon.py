@@ -8,6 +8,9 @@ write nothing, or zeros with `ZERO_SKIP`), but each program is warp-specialised 
 - two 4-warp consumers own 64 query rows each and run Q·Kᵀ(j) together with P·V(j−1), the softmax of tile j while
   P·V(j−1) is still on the tensor cores, and take turns *issuing* (two mbarriers: ping-pong), so one consumer's
   products run while the other's exp2s run.
+FP8 heads (`QUANT` launches, the head table HQ): e4m3 Q·Kᵀ (wgmma k32) on the pre-pass's e4m3 Q and K, loaded into the
+first half of the same buffers, each key's scale brought by TMA into a small ring beside its tile, the query tile's
+scale folded into the exponent's multiply; P·V in bf16 as for other heads (`kernels/quant.py` is the scheme).
 Why Gluon and not Triton: the ping-pong is what closes the ≈ 10 % gap to cuDNN at Flux 2K, and Triton's pipeliner
 cannot express it (kernels/NOTES.md, 2026-11-29: the Triton overlap variants measured slower, the Gluon prototype
 `bench/gluon_dense_proto.py` 1.03× cuDNN). Loaded standalone (like arrow_triton.py): no package imports.
@@ -25,23 +28,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["BLOCK_M", "BLOCK_N", "HEAD_DIM", "PV8", "STAGES", "build", "launch", "supported"]
+__all__ = ["BLOCK_M", "BLOCK_N", "HEAD_DIM", "STAGES", "build", "launch", "supported"]
 
 BLOCK_M = 128   # query rows per program (64 per consumer warpgroup)
 BLOCK_N = 128   # keys per tile
 HEAD_DIM = 128
 STAGES = 3      # K/V ring depth (3 × 64 KB + the 32 KB Q tile: 224 KB of Hopper's 227 KB)
 _LOG2E = 1.4426950408889634
-#: FP8 heads' P·V in e4m3 (else bf16): read when a plan is built (kernels/NOTES.md has both measured).
-PV8 = True
-#: FP8 items take turns issuing (the ping-pong of bf16 items) -- research switch, kernels/NOTES.md.
-PINGPONG8 = True
-#: ring depth of FP8 items with e4m3 P·V (their K and Vᵀ tiles are half a bf16 slot: up to 2 x STAGES; research)
-STAGES8 = 5
-DIAG = 0   # research only: 1 no exp2, 2 no O rescale, 3 no softmax (wrong results; timing diagnosis)
-_LOG2_FP8_MAX = gl.constexpr(8.807354922057604)   # log2(448)
-_FP8_MAX = gl.constexpr(448.0)
-_FP8_MIN_SCALE = gl.constexpr(1e-12)   # arrow_triton's floor of a scale (an all-zero channel)
 
 
 @gluon.jit
@@ -65,54 +58,35 @@ def _load_tile(desc, b, h, row, bar, dst, FLAT: gl.constexpr):
 
 
 @gluon.jit
-def _k8(k_smem, s, desc_k8, DEEP: gl.constexpr, BN: gl.constexpr, D: gl.constexpr):
-    """Ring slot s of e4m3 K: the first half of bf16 slot s, or with DEEP half s % 2 of bf16 slot s // 2."""
-    if DEEP:
-        return k_smem.index(s // 2)._reinterpret(desc_k8.dtype, [2, 1, 1, BN, D], desc_k8.layout).index(s % 2)
-    else:
-        return k_smem.index(s)._reinterpret(desc_k8.dtype, desc_k8.block_type.shape, desc_k8.layout)
+def _k8(k_smem, s, desc_k8):
+    """e4m3 K of ring slot s: the first half of the bf16 slot."""
+    return k_smem.index(s)._reinterpret(desc_k8.dtype, desc_k8.block_type.shape, desc_k8.layout)
 
 
 @gluon.jit
-def _v8(v_smem, s, desc_v8, DEEP: gl.constexpr, BN: gl.constexpr, D: gl.constexpr):
-    if DEEP:
-        return v_smem.index(s // 2)._reinterpret(desc_v8.dtype, [2, 1, 1, D, BN], desc_v8.layout).index(s % 2)
-    else:
-        return v_smem.index(s)._reinterpret(desc_v8.dtype, desc_v8.block_type.shape, desc_v8.layout)
-
-
-@gluon.jit
-def _produce(desc_k, desc_v, desc_k8, desc_v8, desc_sk, k_smem, v_smem, sk_smem, kv_ready, kv_empty,
+def _produce(desc_k, desc_v, desc_k8, desc_sk, k_smem, v_smem, sk_smem, kv_ready, kv_empty,
              b, h, n, nu, nu1, u2, na1, na2, a1, a2, a3,
-             BN: gl.constexpr, D: gl.constexpr, NS: gl.constexpr, FLAT: gl.constexpr, FP8: gl.constexpr,
-             PV8: gl.constexpr, DEEP: gl.constexpr):
+             BN: gl.constexpr, NSTAGE: gl.constexpr, FLAT: gl.constexpr, FP8: gl.constexpr):
     for t in range(n):
-        s = t % NS
+        s = t % NSTAGE
         # a slot is free once both consumers released it; the first pass through the ring does not wait
-        mbarrier.wait(kv_empty.index(s), ((t // NS) & 1) ^ 1)
+        mbarrier.wait(kv_empty.index(s), ((t // NSTAGE) & 1) ^ 1)
         start = _tile_start(t, nu, nu1, u2, na1, na2, a1, a2, a3, BN)
-        if FP8:   # e4m3 K [B, H, L, D] (and Vᵀ [B, H, D, L16]) into halves of the bf16 slots, the K scales beside
+        if FP8:   # e4m3 K [B, H, L, D] into the first half of the K slot, its per-key scales beside it, bf16 V
             mbarrier.expect(kv_ready.index(s), desc_k8.block_type.nbytes + desc_sk.block_type.nbytes
-                            + (desc_v8.block_type.nbytes if PV8 else desc_v.block_type.nbytes))
+                            + desc_v.block_type.nbytes)
             tma.async_copy_global_to_shared(desc_sk, [b, h, start], kv_ready.index(s), sk_smem.index(s))
-            tma.async_copy_global_to_shared(desc_k8, [b, h, start, 0], kv_ready.index(s),
-                                            _k8(k_smem, s, desc_k8, DEEP, BN, D))
-            if PV8:
-                tma.async_copy_global_to_shared(desc_v8, [b, h, 0, start], kv_ready.index(s),
-                                                _v8(v_smem, s, desc_v8, DEEP, BN, D))
-            else:
-                _load_tile(desc_v, b, h, start, kv_ready.index(s), v_smem.index(s), FLAT)
+            tma.async_copy_global_to_shared(desc_k8, [b, h, start, 0], kv_ready.index(s), _k8(k_smem, s, desc_k8))
         else:
             mbarrier.expect(kv_ready.index(s), desc_k.block_type.nbytes + desc_v.block_type.nbytes)
             _load_tile(desc_k, b, h, start, kv_ready.index(s), k_smem.index(s), FLAT)
-            _load_tile(desc_v, b, h, start, kv_ready.index(s), v_smem.index(s), FLAT)
+        _load_tile(desc_v, b, h, start, kv_ready.index(s), v_smem.index(s), FLAT)
 
 
 @gluon.jit
-def _producer(desc_q, desc_k, desc_v, desc_q8, desc_k8, desc_v8, desc_sk, q_smem, k_smem, v_smem, sk_smem, q_bar,
+def _producer(desc_q, desc_k, desc_v, desc_q8, desc_k8, desc_sk, q_smem, k_smem, v_smem, sk_smem, q_bar,
               kv_ready, kv_empty, b, h, m0, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8,
-              QH: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE: gl.constexpr, NSTAGE8: gl.constexpr,
-              FLAT: gl.constexpr, QUANT: gl.constexpr, PV8: gl.constexpr):
+              QH: gl.constexpr, BN: gl.constexpr, NSTAGE: gl.constexpr, FLAT: gl.constexpr, QUANT: gl.constexpr):
     if n > 0:  # the two consumers' 64-row halves of the query tile
         if QUANT and fp8 != 0:  # e4m3 Q from the pre-pass ([B, H, L, D]) into the first half of each bf16 buffer
             mbarrier.expect(q_bar, 2 * desc_q8.block_type.nbytes)
@@ -124,33 +98,23 @@ def _producer(desc_q, desc_k, desc_v, desc_q8, desc_k8, desc_v8, desc_sk, q_smem
             _load_tile(desc_q, b, h, m0, q_bar, q_smem.index(0), FLAT)
             _load_tile(desc_q, b, h, m0 + QH, q_bar, q_smem.index(1), FLAT)
     if QUANT and fp8 != 0:
-        _produce(desc_k, desc_v, desc_k8, desc_v8, desc_sk, k_smem, v_smem, sk_smem, kv_ready, kv_empty,
-                 b, h, n, nu, nu1, u2, na1, na2, a1, a2, a3, BN, D, NSTAGE8 if PV8 else NSTAGE, FLAT, True, PV8,
-                 PV8 and NSTAGE8 > NSTAGE)
+        _produce(desc_k, desc_v, desc_k8, desc_sk, k_smem, v_smem, sk_smem, kv_ready, kv_empty,
+                 b, h, n, nu, nu1, u2, na1, na2, a1, a2, a3, BN, NSTAGE, FLAT, True)
     else:
-        _produce(desc_k, desc_v, desc_k8, desc_v8, desc_sk, k_smem, v_smem, sk_smem, kv_ready, kv_empty,
-                 b, h, n, nu, nu1, u2, na1, na2, a1, a2, a3, BN, D, NSTAGE, FLAT, False, False, False)
+        _produce(desc_k, desc_v, desc_k8, desc_sk, k_smem, v_smem, sk_smem, kv_ready, kv_empty,
+                 b, h, n, nu, nu1, u2, na1, na2, a1, a2, a3, BN, NSTAGE, FLAT, False)
 
 
 @gluon.jit
-def _scores(sc, start, nu, t, T, lo, hi, qk_scale, m_i, l_i, s_layout: gl.constexpr, BN: gl.constexpr,
-            PV8: gl.constexpr, DIAG: gl.constexpr = 0):
+def _scores(sc, start, nu, t, T, lo, hi, qk_scale, m_i, l_i, s_layout: gl.constexpr, BN: gl.constexpr):
     """Online-softmax step on finished scores `sc` of tile t: mask it if it is an edge tile (keep(q, k) = k < T or
-    lo_q <= k <= hi_q), then (p, alpha, m, l). PV8: p (and so l) come out times 448, e4m3's range, for free in the
-    exponent; the factor cancels in O = P·V / l."""
+    lo_q <= k <= hi_q), then (p, alpha, m, l)."""
     if t >= nu:
         kk = start + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
         keep = (kk < T)[None, :] | ((kk[None, :] >= lo[:, None]) & (kk[None, :] <= hi[:, None]))
         sc = gl.where(keep, sc, float("-inf"))
-    if DIAG == 3:
-        return sc, m_i, m_i, l_i
     m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
-    if DIAG == 1:
-        p = sc * qk_scale - m_new[:, None]
-    elif PV8:
-        p = gl.exp2(sc * qk_scale - (m_new - _LOG2_FP8_MAX)[:, None])
-    else:
-        p = gl.exp2(sc * qk_scale - m_new[:, None])
+    p = gl.exp2(sc * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return p, alpha, m_new, l_i
@@ -158,12 +122,12 @@ def _scores(sc, start, nu, t, T, lo, hi, qk_scale, m_i, l_i, s_layout: gl.conste
 
 @gluon.jit
 def _qk(q_smem, k_smem, s, zero_s, desc_q8, desc_k8, WG: gl.constexpr, WM: gl.constexpr, BN: gl.constexpr,
-        D: gl.constexpr, FP8: gl.constexpr, DEEP: gl.constexpr):
+        D: gl.constexpr, FP8: gl.constexpr):
     """Issue Q·Kᵀ of the tile in ring slot s (async): bf16 operands, or the e4m3 copies the producer put in the first
     half of the same buffers (FP8 items)."""
     if FP8:
         q = q_smem.index(WG)._reinterpret(desc_q8.dtype, desc_q8.block_type.shape, desc_q8.layout).reshape([WM, D])
-        k = _k8(k_smem, s, desc_k8, DEEP, BN, D).reshape([BN, D])
+        k = _k8(k_smem, s, desc_k8).reshape([BN, D])
     else:
         q = q_smem.index(WG).reshape([WM, D])
         k = k_smem.index(s).reshape([BN, D])
@@ -171,49 +135,19 @@ def _qk(q_smem, k_smem, s, zero_s, desc_q8, desc_k8, WG: gl.constexpr, WM: gl.co
 
 
 @gluon.jit
-def _p_operand(p, p_layout: gl.constexpr, dtype: gl.constexpr, PV8: gl.constexpr):
-    """P as wgmma's register A operand of P·V. PV8: e4m3, and with no data movement: the e4m3 A fragment holds keys
-    4t..4t+3 of each 16 where the score accumulator holds keys 2t, 2t+1, 8+2t, 9+2t (t: thread in its quad), so the
-    registers are read in place as the keys in that order -- the pre-pass stores Vᵀ's keys permuted the same way."""
-    if PV8:
-        WM: gl.constexpr = p.shape[0]
-        BN: gl.constexpr = p.shape[1]
-        p8 = p.to(gl.float8e4nv).reshape([WM, BN // 16, 2, 4, 2]).permute((0, 1, 3, 2, 4)).reshape([WM, BN])
-        return gl.convert_layout(p8, p_layout)
-    else:
-        return gl.convert_layout(p.to(dtype), p_layout)
-
-
-@gluon.jit
-def _pv(pb, v_smem, s, acc, desc_v8, BN: gl.constexpr, D: gl.constexpr, PV8: gl.constexpr, DEEP: gl.constexpr):
-    """Issue P·V of ring slot s (async): bf16 V [BN, D], or the e4m3 Vᵀ [D, BN] (K-major, as e4m3 wgmma needs)."""
-    if PV8:
-        vt = _v8(v_smem, s, desc_v8, DEEP, BN, D).reshape([D, BN])
-        return warpgroup_mma(pb, vt.permute((1, 0)), acc, is_async=True)
-    else:
-        return warpgroup_mma(pb, v_smem.index(s).reshape([BN, D]), acc, is_async=True)
-
-
-@gluon.jit
-def _item(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, desc_v8, SQ, SV,
+def _item(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, SQ,
           b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, H, L, T, qk_scale,
-          WG: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE_: gl.constexpr,
-          FLAT: gl.constexpr, FP8: gl.constexpr, PV8_ON: gl.constexpr, PP8_ON: gl.constexpr, DIAG: gl.constexpr,
-          NSTAGE8: gl.constexpr):
-    """This consumer's 64 rows of one work item with n >= 1 key tiles. FP8: e4m3 Q·Kᵀ, each score times its query
-    tile's scale and its key's scale (the pre-pass's; softmax scale included); P·V in e4m3 too with PV8_ON (P times
-    448, Vᵀ per channel scaled, the channel scales applied once at the end), else in bf16 as for other heads."""
+          WG: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE: gl.constexpr,
+          FLAT: gl.constexpr, FP8: gl.constexpr):
+    """This consumer's 64 rows of one work item with n >= 1 key tiles. FP8: e4m3 Q·Kᵀ, each score times its key's
+    scale (from the ring beside the keys) and the query tile's scale (softmax scale included; it takes the place of
+    the softmax scale in the exponent's multiply), P·V in bf16 as for other heads."""
     WM: gl.constexpr = 64
     dtype: gl.constexpr = desc_o.dtype
-    PV8: gl.constexpr = FP8 and PV8_ON
-    PP: gl.constexpr = (not FP8) or PP8_ON
-    NSTAGE: gl.constexpr = NSTAGE8 if PV8 else NSTAGE_   # ring depth (e4m3 K and Vᵀ tiles: two per bf16 slot)
-    DEEP: gl.constexpr = PV8 and NSTAGE8 > NSTAGE_
     KW: gl.constexpr = 32 if FP8 else 16   # wgmma's K step: 32 for e4m3 operands, 16 for 16-bit ones
-    KP: gl.constexpr = 32 if PV8 else 16
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, KW])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, KP])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4 if PV8 else 2)
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_row: gl.constexpr = gl.SliceLayout(1, s_layout)
     s_col: gl.constexpr = gl.SliceLayout(0, s_layout)
     o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -229,62 +163,48 @@ def _item(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, tu
     acc = gl.zeros([WM, D], gl.float32, o_layout)
     m_i = gl.full([WM], -1.0e30, gl.float32, s_row)   # finite: a fully masked tile adds exactly 0, no NaN
     l_i = gl.full([WM], 0.0, gl.float32, s_row)
-    bh = b.to(gl.int64) * H + h
-    if FP8:
-        sq = gl.load(SQ + bh * gl.cdiv(L, BM) + m0 // BM)   # this query tile's scale, softmax scale included
-        scale = 1.0
+    if FP8:   # this query tile's scale (softmax scale included) replaces the softmax scale
+        scale = gl.load(SQ + (b.to(gl.int64) * H + h) * gl.cdiv(L, BM) + m0 // BM)
     else:
-        sq = 0.0
         scale = qk_scale
     mbarrier.wait(q_bar, 0)
     # tile 0: scores and softmax only
     mbarrier.wait(kv_ready.index(0), 0)
-    if PP:
-        mbarrier.wait(turn.index(WG), 0)
-    sc = _qk(q_smem, k_smem, 0, zero_s, desc_q8, desc_k8, WG, WM, BN, D, FP8, DEEP)
-    if PP:
-        mbarrier.arrive(turn.index(1 - WG), count=1)
+    mbarrier.wait(turn.index(WG), 0)
+    sc = _qk(q_smem, k_smem, 0, zero_s, desc_q8, desc_k8, WG, WM, BN, D, FP8)
+    mbarrier.arrive(turn.index(1 - WG), count=1)
     sc = warpgroup_mma_wait(0, deps=[sc])
     start = _tile_start(0, nu, nu1, u2, na1, na2, a1, a2, a3, BN)
     if FP8:
-        sc = sc * (sk_smem.index(0).reshape([BN]).load(s_col) * sq)[None, :]
-    p, alpha, m_i, l_i = _scores(sc, start, nu, 0, T, lo, hi, scale, m_i, l_i, s_layout, BN, PV8, DIAG)
-    pb = _p_operand(p, p_layout, dtype, PV8)
+        sc = sc * sk_smem.index(0).reshape([BN]).load(s_col)[None, :]
+    p, alpha, m_i, l_i = _scores(sc, start, nu, 0, T, lo, hi, scale, m_i, l_i, s_layout, BN)
+    pb = gl.convert_layout(p.to(dtype), p_layout)
     for t in range(1, n):
         s = t % NSTAGE
         sp = (t - 1) % NSTAGE
         mbarrier.wait(kv_ready.index(s), (t // NSTAGE) & 1)
-        if PP:
-            mbarrier.wait(turn.index(WG), t & 1)
-        sc = _qk(q_smem, k_smem, s, zero_s, desc_q8, desc_k8, WG, WM, BN, D, FP8, DEEP)
-        acc = _pv(pb, v_smem, sp, acc, desc_v8, BN, D, PV8, DEEP)
-        if PP:
-            mbarrier.arrive(turn.index(1 - WG), count=1)
+        mbarrier.wait(turn.index(WG), t & 1)
+        sc = _qk(q_smem, k_smem, s, zero_s, desc_q8, desc_k8, WG, WM, BN, D, FP8)
+        acc = warpgroup_mma(pb, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG), count=1)
         start = _tile_start(t, nu, nu1, u2, na1, na2, a1, a2, a3, BN)
-        if FP8:  # the tile's key scales (the producer's TMA put them beside the keys; zeros past L)
-            ks = sk_smem.index(s).reshape([BN]).load(s_col) * sq
         sc = warpgroup_mma_wait(1, deps=[sc])
-        if FP8:
-            sc = sc * ks[None, :]
-        p, alpha, m_i, l_i = _scores(sc, start, nu, t, T, lo, hi, scale, m_i, l_i, s_layout, BN, PV8, DIAG)
+        if FP8:  # the tile's key scales (the producer's TMA put them beside the keys; zeros past L), read only now:
+            # 32 more live registers during the wait spill beside the bf16 P operand
+            sc = sc * sk_smem.index(s).reshape([BN]).load(s_col)[None, :]
+        p, alpha, m_i, l_i = _scores(sc, start, nu, t, T, lo, hi, scale, m_i, l_i, s_layout, BN)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(kv_empty.index(sp), count=1)
-        if DIAG != 2 and DIAG != 3:
-            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
-        pb = _p_operand(p, p_layout, dtype, PV8)
+        acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+        pb = gl.convert_layout(p.to(dtype), p_layout)
     sl = (n - 1) % NSTAGE
-    if PP:
-        mbarrier.wait(turn.index(WG), n & 1)
-    acc = _pv(pb, v_smem, sl, acc, desc_v8, BN, D, PV8, DEEP)
-    if PP:
-        mbarrier.arrive(turn.index(1 - WG), count=1)
+    mbarrier.wait(turn.index(WG), n & 1)
+    acc = warpgroup_mma(pb, v_smem.index(sl).reshape([BN, D]), acc, is_async=True)
+    mbarrier.arrive(turn.index(1 - WG), count=1)
     acc = warpgroup_mma_wait(0, deps=[acc])
     mbarrier.arrive(kv_empty.index(sl), count=1)
     # rows past L may hold 0/0: the TMA store clips them
     o = acc / gl.convert_layout(l_i, o_row)[:, None]
-    if PV8:   # V's per-channel scales (the pre-pass's amax per channel / 448, the same floor)
-        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-        o = o * gl.maximum(gl.load(SV + bh * D + offs_d) / _FP8_MAX, _FP8_MIN_SCALE)[None, :]
     q_tile = q_smem.index(WG)   # this group's Q rows are dead: stage the output there
     q_tile.reshape([WM, D]).store(o.to(dtype))
     fence_async_shared()
@@ -293,21 +213,19 @@ def _item(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, tu
 
 
 @gluon.jit
-def _consumer(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, desc_v8, SQ,
-              SV,
+def _consumer(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, SQ,
               b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8, H, L, T, qk_scale,
               WG: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE: gl.constexpr,
-              FLAT: gl.constexpr, ZERO_SKIP: gl.constexpr, QUANT: gl.constexpr, PV8: gl.constexpr,
-              PP8: gl.constexpr, DIAG: gl.constexpr, NSTAGE8: gl.constexpr):
+              FLAT: gl.constexpr, ZERO_SKIP: gl.constexpr, QUANT: gl.constexpr):
     if n > 0:
         if QUANT and fp8 != 0:
-            _item(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, desc_v8,
-                  SQ, SV, b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, H, L, T, qk_scale,
-                  WG, BM, BN, D, NSTAGE, FLAT, True, PV8, PP8, DIAG, NSTAGE8)
+            _item(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, SQ,
+                  b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, H, L, T, qk_scale,
+                  WG, BM, BN, D, NSTAGE, FLAT, True)
         else:
-            _item(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, desc_v8,
-                  SQ, SV, b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, H, L, T, qk_scale,
-                  WG, BM, BN, D, NSTAGE, FLAT, False, False, True, DIAG, NSTAGE)
+            _item(desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, SQ,
+                  b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, H, L, T, qk_scale,
+                  WG, BM, BN, D, NSTAGE, FLAT, False)
     elif ZERO_SKIP:
         # functional API: a skipped head's rows come back as zeros
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -346,11 +264,10 @@ def _rank_heads(HW, H, H_PAD: gl.constexpr):
 
 
 @gluon.jit
-def _arrow_fwd_gluon(desc_q, desc_k, desc_v, desc_o, HW, desc_q8, desc_k8, desc_v8, desc_sk, SQ, SV, HQ, B, H, L, T,
-                     qk_scale, H_PAD: gl.constexpr, FLAT: gl.constexpr, ZERO_SKIP: gl.constexpr,
+def _arrow_fwd_gluon(desc_q, desc_k, desc_v, desc_o, HW, desc_q8, desc_k8, desc_sk, SQ, HQ, B, H, L, T, qk_scale,
+                     H_PAD: gl.constexpr, FLAT: gl.constexpr, ZERO_SKIP: gl.constexpr,
                      BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSTAGE: gl.constexpr,
-                     QUANT: gl.constexpr, PV8: gl.constexpr, PP8: gl.constexpr, DIAG: gl.constexpr,
-                     NSTAGE8: gl.constexpr):
+                     QUANT: gl.constexpr):
     pid = gl.program_id(0)
     rows, rank, n_full, n_arrow = _rank_heads(HW, H, H_PAD)
     # ---- item -> (head, batch, query tile): long items first, exactly as arrow_triton._work ----
@@ -383,9 +300,7 @@ def _arrow_fwd_gluon(desc_q, desc_k, desc_v, desc_o, HW, desc_q8, desc_k8, desc_
     si = ((w >= 0) & (m0 < T) & (m0 + BM > T)).to(gl.int32)
     ii = (1 - di) * (1 - si)
     wp = gl.maximum(w, 0)
-    # the band's first tile starts on a multiple of 16 keys (the element mask stays token-exact): the FP8 P·V's
-    # permuted key order (`_p_operand`) is per aligned group of 16
-    s0 = gl.maximum((m0 - wp) // 16 * 16, Tc)
+    s0 = gl.maximum(m0 - wp, Tc)
     e0 = gl.minimum(m0 + BM + wp, L)
     nb = gl.maximum(gl.cdiv(gl.maximum(e0 - s0, 0), BN), 0)
     fk_lo = gl.maximum(m0 + BM - 1 - wp, s0)
@@ -418,32 +333,31 @@ def _arrow_fwd_gluon(desc_q, desc_k, desc_v, desc_o, HW, desc_q8, desc_k8, desc_
         q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, 1, 1, BM // 2, D], desc_q.layout)
         k_smem = gl.allocate_shared_memory(desc_k.dtype, [NSTAGE, 1, 1, BN, D], desc_k.layout)
         v_smem = gl.allocate_shared_memory(desc_v.dtype, [NSTAGE, 1, 1, BN, D], desc_v.layout)
-    NB: gl.constexpr = NSTAGE8 if (QUANT and PV8 and NSTAGE8 > NSTAGE) else NSTAGE   # barriers per ring
     if QUANT:   # the K scales of each ring slot's tile (FP8 items)
-        sk_smem = gl.allocate_shared_memory(gl.float32, [NB, 1, 1, BN], desc_sk.layout)
+        sk_smem = gl.allocate_shared_memory(gl.float32, [NSTAGE, 1, 1, BN], desc_sk.layout)
     else:
         sk_smem = gl.allocate_shared_memory(gl.float32, [1, 1, 1, 4], gl.NVMMASharedLayout(0, 32, rank=3))
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NSTAGE, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(NB):
+    for i in gl.static_range(NSTAGE):
         mbarrier.init(kv_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     mbarrier.arrive(turn.index(0), count=1)   # consumer 0 issues first
     gl.warp_specialize([
-        (_consumer, (desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8,
-                     desc_v8, SQ, SV, b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8, H, L, T, qk_scale,
-                     0, BM, BN, D, NSTAGE, FLAT, ZERO_SKIP, QUANT, PV8, PP8, DIAG, NSTAGE8)),
-        (_consumer, (desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8,
-                     desc_v8, SQ, SV, b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8, H, L, T, qk_scale,
-                     1, BM, BN, D, NSTAGE, FLAT, ZERO_SKIP, QUANT, PV8, PP8, DIAG, NSTAGE8)),
-        (_producer, (desc_q, desc_k, desc_v, desc_q8, desc_k8, desc_v8, desc_sk, q_smem, k_smem, v_smem, sk_smem, q_bar,
-                     kv_ready, kv_empty,
-                     b, h, m0, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8, BM // 2, BN, D, NSTAGE, NSTAGE8, FLAT, QUANT, PV8)),
+        (_consumer, (desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, SQ,
+                     b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8, H, L, T, qk_scale,
+                     0, BM, BN, D, NSTAGE, FLAT, ZERO_SKIP, QUANT)),
+        (_consumer, (desc_o, q_smem, k_smem, v_smem, sk_smem, q_bar, kv_ready, kv_empty, turn, desc_q8, desc_k8, SQ,
+                     b, h, m0, w, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8, H, L, T, qk_scale,
+                     1, BM, BN, D, NSTAGE, FLAT, ZERO_SKIP, QUANT)),
+        (_producer, (desc_q, desc_k, desc_v, desc_q8, desc_k8, desc_sk, q_smem, k_smem, v_smem, sk_smem, q_bar,
+                     kv_ready, kv_empty, b, h, m0, n, nu, nu1, u2, na1, na2, a1, a2, a3, fp8,
+                     BM // 2, BN, NSTAGE, FLAT, QUANT)),
     ], [4, 1], [232, 40])
 
 
@@ -481,37 +395,35 @@ class Plan:
     __slots__ = ("grid", "descs", "quant", "scalars", "consts", "runner")
     grid: tuple[int, int, int]
     descs: list[TensorDescriptor]
-    quant: tuple            # (desc_q8, desc_k8, desc_v8, desc_sk, SQ, SV), or () for a plan without FP8 heads
+    quant: tuple            # (desc_q8, desc_k8, desc_sk, SQ), or () for a plan without FP8 heads
     scalars: tuple
     consts: dict
     runner: Any   # None: not built yet; False: the direct launcher failed once; else Triton's compiled launcher
 
 
 def build(q, k, v, out, H: int, L: int, B: int, txt_len: int, layout: str, sm_scale, zero_skip: bool,
-          quant=None, pv8: bool = True) -> Plan:
+          quant=None) -> Plan:
     """`quant`: the FP8 pre-pass workspace (`arrow_triton._QuantBuffers`: e4m3 Q and K as [B, H, L, D], one Q scale per
-    128-row query tile, per-token K scales; e4m3 Vᵀ as [B, H, D, L16] with its per-channel amax) when the call has FP8
-    heads, else None. `pv8`: FP8 heads' P·V in e4m3 (else bf16; the research switch of kernels/NOTES.md)."""
+    128-row query tile, per-token K scales in rows padded to 16 bytes) when the call has FP8 heads, else None."""
     plan = Plan()
     plan.grid = (max(math.ceil(L / BLOCK_M) * B * H, 1), 1, 1)
     plan.descs = [_desc(q, layout, H, BLOCK_M // 2), _desc(k, layout, H, BLOCK_N), _desc(v, layout, H, BLOCK_N),
                   _desc(out, layout, H, BLOCK_M // 2)]
     if quant is not None:
         f8 = gl.float8e4nv
-        qb, kb, vb = [1, 1, BLOCK_M // 2, HEAD_DIM], [1, 1, BLOCK_N, HEAD_DIM], [1, 1, HEAD_DIM, BLOCK_N]
+        qb, kb = [1, 1, BLOCK_M // 2, HEAD_DIM], [1, 1, BLOCK_N, HEAD_DIM]
         d8 = [TensorDescriptor(x, list(x.shape), list(x.stride()), blk, gl.NVMMASharedLayout.get_default_for(blk, f8))
-              for x, blk in ((quant.q8, qb), (quant.k8, kb), (quant.v8t if pv8 else quant.k8, vb))]
+              for x, blk in ((quant.q8, qb), (quant.k8, kb))]
         sk, sb = quant.sk, [1, 1, BLOCK_N]   # [B, H, L] in rows padded to 16 bytes
         d_sk = TensorDescriptor(sk, [B, H, L], list(sk.stride()), sb,
                                 gl.NVMMASharedLayout.get_default_for(sb, gl.float32))
-        plan.quant = (*d8, d_sk, quant.sq, quant.va)   # without pv8: K's as Vᵀ's stand-in (never read)
+        plan.quant = (*d8, d_sk, quant.sq)
     else:
         plan.quant = ()
     scale = (1.0 / math.sqrt(HEAD_DIM) if sm_scale is None else float(sm_scale)) * _LOG2E
     plan.scalars = (B, H, L, int(txt_len), scale)
     plan.consts = dict(H_PAD=max(1 << (H - 1).bit_length(), 2), FLAT=layout == "blhd_flat", ZERO_SKIP=bool(zero_skip),
-                       BM=BLOCK_M, BN=BLOCK_N, D=HEAD_DIM, NSTAGE=STAGES, QUANT=quant is not None,
-                       PV8=bool(pv8) and quant is not None, PP8=bool(PINGPONG8), DIAG=int(DIAG), NSTAGE8=int(STAGES8))
+                       BM=BLOCK_M, BN=BLOCK_N, D=HEAD_DIM, NSTAGE=STAGES, QUANT=quant is not None)
     plan.runner = None
     for d in plan.descs:
         d.base = None
@@ -521,7 +433,7 @@ def build(q, k, v, out, H: int, L: int, B: int, txt_len: int, layout: str, sm_sc
 def _args(plan: Plan, head_window, head_quant) -> tuple:
     d = plan.descs
     # without FP8 heads the FP8 operands are never read: pass the bf16 descriptors and the head table as stand-ins
-    quant = (*plan.quant, head_quant) if plan.quant else (d[0], d[1], d[2], d[0], *(head_window,) * 3)
+    quant = (*plan.quant, head_quant) if plan.quant else (d[0], d[1], d[0], head_window, head_window)
     return (*d, head_window, *quant, *plan.scalars)
 
 
@@ -547,7 +459,7 @@ def launch(plan: Plan, q, k, v, out, head_window, head_quant=None) -> None:
 
 
 def compile_sm90(*, B: int, H: int, L: int, T: int, layout: str = "bhld", zero_skip: bool = False,
-                 dtype: torch.dtype = torch.bfloat16, quant: bool = False, pv8: bool = True):
+                 dtype: torch.dtype = torch.bfloat16, quant: bool = False):
     """Compile for sm90 on a machine without that GPU (CPU tensors stand in; Triton-internal API, a check tool)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -561,10 +473,9 @@ def compile_sm90(*, B: int, H: int, L: int, T: int, layout: str = "bhld", zero_s
         from types import SimpleNamespace
 
         f8 = torch.empty((B, H, L, HEAD_DIM), dtype=torch.float8_e4m3fn)
-        v8t = torch.empty((B, H, HEAD_DIM, -(-L // 16) * 16), dtype=torch.float8_e4m3fn)
-        qb = SimpleNamespace(q8=f8, k8=f8, v8t=v8t, sq=torch.empty((B, H, math.ceil(L / BLOCK_M))),
-                             sk=torch.empty((B, H, (L + 3) // 4 * 4)), va=torch.empty((B, H, HEAD_DIM)))
-    plan = build(x, x, x, x, H, L, B, T, layout, None, zero_skip, qb, pv8)
+        qb = SimpleNamespace(q8=f8, k8=f8, sq=torch.empty((B, H, math.ceil(L / BLOCK_M))),
+                             sk=torch.empty((B, H, (L + 3) // 4 * 4)))
+    plan = build(x, x, x, x, H, L, B, T, layout, None, zero_skip, qb)
     for dsc in plan.descs:
         dsc.base = x
     hw = torch.empty(H, dtype=torch.int32)

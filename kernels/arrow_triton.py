@@ -24,8 +24,8 @@ _SKIP = -2
 _LOG2E = 1.4426950408889634
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # FP8 heads (head_quant = 1): Q.K^T in e4m3 (largest finite 448) with one scale per query tile of Q and per-token
-# scales of mean-smoothed K; P.V in the input dtype (an e4m3 P.V measured 2x slower and 2-3x less accurate on an
-# H200, kernels/NOTES.md). The scheme of kernels/quant.py's reference.
+# scales of mean-smoothed K; P.V in the input dtype (an e4m3 P.V measured slower on an H200 in this kernel and in
+# kernel v3, kernels/NOTES.md). The scheme of kernels/quant.py's reference; kernel v3 runs the same scheme.
 _FP8_MAX = tl.constexpr(448.0)
 #: Smallest scale of a quantized block/row: an all-zero block quantizes to zeros instead of 0/0.
 _FP8_MIN_SCALE = tl.constexpr(1e-12)
@@ -76,17 +76,15 @@ def _to_fp8(x, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _quant_fwd(Q, K, V, HQ, KM, Q8, K8, SQ, SK, V8T, VA,
-               sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
-               H, L, L16, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr, PV8: tl.constexpr):
+def _quant_fwd(Q, K, HQ, KM, Q8, K8, SQ, SK,
+               sqb, sqh, sql, sqd, skb, skh, skl, skd,
+               H, L, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
     """Quantization pre-pass of the FP8 heads: one program per (query tile, batch x head); bf16 heads load and store
     nothing. Q8, K8: [B, H, L, D] e4m3. SQ [B, H, tiles]: one scale per tile of BLOCK query rows (the kernel's
     BLOCK_M), times the softmax scale in log2 units. SK [B, H, L4 >= L]: per-token scales of K after subtracting its
-    per-channel mean KM (softmax-invariant; it takes the shared offset out of K's range).
-    PV8 (kernel v3's e4m3 P·V): V8T [B, H, D, L16] e4m3 = V / (its channel's amax VA / 448), transposed (wgmma's e4m3
-    operands are K-major) and with the keys of each aligned 16 in the order kernel v3's P registers hold them: key
-    16g + 8h + 2t + i at column 16g + 4t + 2h + i (`arrow_gluon._p_operand`); columns L..L16 are zeros."""
+    per-channel mean KM (softmax-invariant; it takes the shared offset out of K's range); its rows are padded to 4
+    floats (16 bytes: kernel v3 brings a tile's key scales by TMA)."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -108,16 +106,7 @@ def _quant_fwd(Q, K, V, HQ, KM, Q8, K8, SQ, SK, V8T, VA,
     sk = tl.maximum(tl.max(tl.abs(k), 1) / _FP8_MAX, _FP8_MIN_SCALE)
     tl.store(K8 + bh64 * L * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], _to_fp8(k / sk[:, None], INTERP),
              mask=ok)
-    tl.store(SK + bh64 * ((L + 3) // 4 * 4) + rows, sk, mask=row_ok)   # rows of SK: 16-byte aligned (kernel v3's TMA)
-    if PV8:
-        v = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + rows[:, None] * svl + offs_d[None, :] * svd,
-                    mask=ok, other=0.0).to(tl.float32)
-        sv = tl.maximum(tl.load(VA + bh64 * HEAD_DIM + offs_d) / _FP8_MAX, _FP8_MIN_SCALE)
-        r = rows % 16
-        col = rows - r + 4 * ((r >> 1) & 3) + 2 * ((r >> 3) & 1) + (r & 1)
-        tl.store(V8T + bh64 * HEAD_DIM * L16 + offs_d[None, :] * L16 + col[:, None],
-                 _to_fp8(v / sv[None, :], INTERP),
-                 mask=(rows < L16)[:, None] & live)
+    tl.store(SK + bh64 * ((L + 3) // 4 * 4) + rows, sk, mask=row_ok)
 
 
 @triton.jit
@@ -653,17 +642,11 @@ class _QuantBuffers:
     (one per query tile of Q; per token of K) and K's per-channel means. Under the interpreter the "e4m3" buffers
     are fp32 holding e4m3 values (see `_to_fp8`)."""
 
-    __slots__ = ("q8", "k8", "sq", "sk", "km", "block_m", "v8t", "va")
+    __slots__ = ("q8", "k8", "sq", "sk", "km", "block_m")
 
-    def __init__(self, B: int, H: int, L: int, D: int, block_m: int, device: torch.device, interp: bool,
-                 pv8: bool = False) -> None:
+    def __init__(self, B: int, H: int, L: int, D: int, block_m: int, device: torch.device, interp: bool) -> None:
         dt = torch.float32 if interp else torch.float8_e4m3fn
         self.block_m = block_m
-        # kernel v3's e4m3 P·V: Vᵀ with the keys padded to a multiple of 16 (TMA's 16-byte row stride), V's amax per
-        # channel; else 1-element stand-ins (never read)
-        l16 = triton.cdiv(L, 16) * 16 if pv8 else 1
-        self.v8t = torch.empty((B, H, D, l16) if pv8 else (1,), dtype=dt, device=device)
-        self.va = torch.empty((B, H, D) if pv8 else (1,), dtype=torch.float32, device=device)
         self.q8 = torch.empty((B, H, L, D), dtype=dt, device=device)
         self.k8 = torch.empty((B, H, L, D), dtype=dt, device=device)
         self.sq = torch.empty((B, H, triton.cdiv(L, block_m)), dtype=torch.float32, device=device)
@@ -682,16 +665,15 @@ class _QuantBuffers:
 _WORKSPACES: dict = {}
 
 
-def _workspace(B: int, H: int, L: int, D: int, block_m: int, device: torch.device, interp: bool,
-               pv8: bool = False) -> _QuantBuffers:
+def _workspace(B: int, H: int, L: int, D: int, block_m: int, device: torch.device, interp: bool) -> _QuantBuffers:
     """One FP8 workspace per geometry and device (every layer of a model shares it; launches on one stream are
     ordered, so reuse is safe)."""
-    key = (B, H, L, D, block_m, device, interp, pv8)
+    key = (B, H, L, D, block_m, device, interp)
     ws = _WORKSPACES.get(key)
     if ws is None:
         if len(_WORKSPACES) >= 8:
             _WORKSPACES.clear()
-        ws = _WORKSPACES[key] = _QuantBuffers(B, H, L, D, block_m, device, interp, pv8)
+        ws = _WORKSPACES[key] = _QuantBuffers(B, H, L, D, block_m, device, interp)
     return ws
 
 
@@ -782,7 +764,7 @@ def _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, us
         plan.quant = qb = _workspace(B, H, L, D, cfg["BLOCK_M"], q.device, interp)
         sm = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
         plan.qgrid = (triton.cdiv(L, qb.block_m), B * H, 1)
-        plan.qtail = _quant_tail(qb, q, k, v, layout, H, L, D, sm, interp, False)
+        plan.qtail = _quant_tail(qb, q, k, layout, H, L, D, sm, interp)
         plan.views = lambda x: _bhld_view(x, H, layout)
     plan.grid, args, plan.opts = _kernel_args(q, k, v, out, head_window, txt_len, layout, sm_scale, cfg,
                                               use_tma=use_tma, interp=interp, zero_skip=zero_skip,
@@ -802,27 +784,23 @@ def _bhld_view(x: torch.Tensor, H: int, layout: str) -> torch.Tensor:
     return x.unflatten(-1, (H, x.shape[-1] // H)).transpose(1, 2)
 
 
-def _quant_tail(qb: _QuantBuffers, q, k, v, layout: str, H: int, L: int, D: int, sm_scale: float, interp: bool,
-                pv8: bool) -> tuple:
-    """`_quant_fwd`'s arguments after (Q, K, V, HQ), its four constexprs last."""
-    return (qb.km, qb.q8, qb.k8, qb.sq, qb.sk, qb.v8t, qb.va, *_strides_4d(q, layout, H, D),
-            *_strides_4d(k, layout, H, D), *_strides_4d(v, layout, H, D), H, L, qb.v8t.shape[-1],
-            float(sm_scale) * _LOG2E, D, qb.block_m, interp, pv8)
+def _quant_tail(qb: _QuantBuffers, q, k, layout: str, H: int, L: int, D: int, sm_scale: float,
+                interp: bool) -> tuple:
+    """`_quant_fwd`'s arguments after (Q, K, HQ), its three constexprs last."""
+    return (qb.km, qb.q8, qb.k8, qb.sq, qb.sk, *_strides_4d(q, layout, H, D), *_strides_4d(k, layout, H, D),
+            H, L, float(sm_scale) * _LOG2E, D, qb.block_m, interp)
 
 
-def _quantize(plan, q, k, v, head_quant) -> None:
-    """The FP8 pre-pass: K's per-channel mean (one reduction over the tokens; with e4m3 P·V also V's per-channel
-    amax), then one kernel that quantizes the FP8 heads' Q and K (and Vᵀ) into the plan's workspace."""
+def _quantize(plan, q, k, head_quant) -> None:
+    """The FP8 pre-pass: K's per-channel mean (one reduction over the tokens), then one kernel that quantizes the
+    FP8 heads' Q and K into the plan's workspace. `plan`: a Triton-kernel plan or a kernel-v3 `_QuantStep`."""
     torch.mean(plan.views(k), dim=2, dtype=torch.float32, out=plan.quant.km)
-    D, blk, interp, pv8 = plan.qtail[-4:]
-    if pv8:
-        torch.linalg.vector_norm(plan.views(v), float("inf"), dim=2, dtype=torch.float32, out=plan.quant.va)
     runner = plan.qrunner
     if runner:
-        runner(q, k, v, head_quant, *plan.qtail, stream=torch._C._cuda_getCurrentRawStream(plan.device_index))
+        runner(q, k, head_quant, *plan.qtail, stream=torch._C._cuda_getCurrentRawStream(plan.device_index))
         return
-    compiled = _quant_fwd[plan.qgrid](q, k, v, head_quant, *plan.qtail[:-4], HEAD_DIM=D, BLOCK=blk, INTERP=interp,
-                                      PV8=pv8)
+    D, blk, interp = plan.qtail[-3:]
+    compiled = _quant_fwd[plan.qgrid](q, k, head_quant, *plan.qtail[:-3], HEAD_DIM=D, BLOCK=blk, INTERP=interp)
     if compiled is not None and not interp and q.device.type == "cuda":
         plan.qrunner = getattr(compiled, "__getitem__", lambda grid: None)(plan.qgrid)
 
@@ -830,8 +808,8 @@ def _quantize(plan, q, k, v, head_quant) -> None:
 _fp8_warned = False
 
 #: Hopper, head_dim 128, fp16/bf16 calls run kernel v3 (kernels/arrow_gluon.py, Gluon: producer warp + two consumer
-#: warpgroups in ping-pong) unless DFAV2_KERNEL=triton; everything else, explicit configs (tests, bench variants)
-#: and FP8 launches run `_arrow_fwd` here. False after a failure (warned once; the call then runs here).
+#: warpgroups in ping-pong; FP8 heads included) unless DFAV2_KERNEL=triton; everything else and explicit configs
+#: (tests, bench variants) run `_arrow_fwd` here. False after a failure (warned once; the call then runs here).
 GLUON = os.environ.get("DFAV2_KERNEL", "").lower() != "triton"
 _gluon_mod = None
 
@@ -875,15 +853,14 @@ def _gluon_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip,
     step = None
     if head_quant is not None:
         step = _QuantStep()
-        step.quant = qb = _workspace(B, H, L, D, g.BLOCK_M, q.device, False, g.PV8)
+        step.quant = qb = _workspace(B, H, L, D, g.BLOCK_M, q.device, False)
         sm = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
         step.qgrid = (triton.cdiv(L, qb.block_m), B * H, 1)
-        step.qtail = _quant_tail(qb, q, k, v, layout, H, L, D, sm, False, g.PV8)
+        step.qtail = _quant_tail(qb, q, k, layout, H, L, D, sm, False)
         step.qrunner = None
         step.views = lambda x: _bhld_view(x, H, layout)
         step.device_index = q.device.index
-    return g.build(q, k, v, o, H, L, B, txt_len, layout, sm_scale, zero_skip, None if step is None else step.quant,
-                   g.PV8), step
+    return g.build(q, k, v, o, H, L, B, txt_len, layout, sm_scale, zero_skip, None if step is None else step.quant), step
 
 
 def _try_gluon(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, fast, v2_key, head_quant=None):
@@ -906,7 +883,7 @@ def _try_gluon(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, 
         if out is None:
             out = torch.empty_like(q)
         if step is not None:
-            _quantize(step, q, k, v, head_quant)
+            _quantize(step, q, k, head_quant)
         _gluon().launch(plan, q, k, v, out, head_window, head_quant)
         return out
     except ValueError:
@@ -958,7 +935,7 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
     if plan.empty:
         return out
     if plan.quant is not None:
-        _quantize(plan, q, k, v, head_quant)
+        _quantize(plan, q, k, head_quant)
     hq = head_window if head_quant is None else head_quant
     descs = plan.descs
     if descs is not None:

@@ -11,11 +11,9 @@ Per (batch, head), inputs q, k, v ``[L, D]`` in bf16 / fp16 (any float dtype her
    scale per query tile lets the kernel fold it into the key scales: one multiply per score, as in bf16.
 3. Scores ``s = (q8 @ k8ᵀ) · sq · sk[None, :] · sm_scale``, masked like the head's method (full, or the arrow band
    with text rows and columns full; `masks.arrow_keep`).
-4. ``p = exp(s - rowmax(s))``, ``l`` = row sum of p (float32); ``O = (p rounded to the inputs' dtype) @ v / l``.
-5. With e4m3 P·V (`pv8`; kernel v3 on Hopper at head_dim 128): ``sv`` = max |v| over all L tokens per channel / 448
-   (floored), ``v8 = e4m3(v / sv)``; ``O = (e4m3(448 p) @ v8) · sv / (448 l)``: P times 448 uses e4m3's range (p <= 1),
-   one V scale per channel factors out of the sum over keys. The kernel's Triton path (v2) keeps P·V in the inputs'
-   dtype (there an e4m3 P·V measured 2x slower, kernels/NOTES.md).
+4. ``p = exp(s - rowmax(s))``, ``l`` = row sum of p (float32); ``O = (p rounded to the inputs' dtype) @ v / l``:
+   P·V stays in the inputs' dtype. An e4m3 P·V (P times 448, V per channel) measured slower than this in both kernels
+   on an H200 (Triton 0.5x, kernel v3 0.9x at Flux 2K; kernels/NOTES.md).
 
 Every e4m3 cast is of a value already scaled into [-448, 448]; the scaled values are clamped to that range first so
 float32 rounding in the division (448.00003) cannot reach the cast (``float8_e4m3fn`` has no infinity: an
@@ -121,15 +119,13 @@ def fp8_attention_reference(
     scale: float | None = None,
     refs: Sequence[int] = (),
     q_block: int = Q_BLOCK,
-    pv8: bool = False,
 ) -> torch.Tensor:
     """FP8 attention (the scheme of this module's docstring) of q, k, v ``[B, H, L, D]``, text first.
 
     `windows`: one window for every head or one per head (`WINDOW_FULL`, `WINDOW_SKIP` or an arrow half-width; the
     `LayerDecision.windows` vocabulary); skipped heads are zeros. `refs`: reference segments after the image, banded
     as in masks.py. `scale`: softmax scale, default 1/sqrt(D). `q_block`: query rows per Q scale (the kernel's
-    query tile; tests pass the tile of the config they compare with). `pv8`: P·V in e4m3 too (step 5 above). Returns q's
-    shape and dtype. Computed in float32, per
+    query tile; tests pass the tile of the config they compare with). Returns q's shape and dtype. Computed in float32, per
     distinct window and in blocks of query rows (every row is independent once the K and V scales are known), so
     the memory is bounded by a block of scores, never B·H·L² at once: the calibration's FP8 emulation at real sizes.
     """
@@ -152,9 +148,6 @@ def fp8_attention_reference(
         qh, kh, vh = q[:, idx], k[:, idx], v[:, idx]
         k8, sk = quantize_per_token(smooth_k(kh)[0])
         kf, vf = k8.float(), vh.float()
-        if pv8:
-            sv = vf.abs().amax(dim=-2, keepdim=True).div(FP8_MAX).clamp_min(SCALE_FLOOR)
-            vf = _to_fp8(vf, sv).float()
         keep = None if w == WINDOW_FULL else arrow_keep(txt_len, seq, w, q.device, refs)
         # rows per block so that one float32 score block stays near 2**26 values (256 MB) however many heads
         rows = max(1, min(_ROW_BLOCK, (1 << 26) // max(1, b * len(hs) * seq)))
@@ -169,9 +162,6 @@ def fp8_attention_reference(
             m = s.amax(dim=-1, keepdim=True)  # every row keeps its text columns or its diagonal: finite
             p = torch.exp(s - m)
             l = p.sum(dim=-1, keepdim=True)
-            if pv8:
-                o = ((p * FP8_MAX).clamp_(max=FP8_MAX).to(FP8_DTYPE).float() @ vf) * sv / (l * FP8_MAX)
-            else:
-                o = (p.to(v.dtype).float() @ vf) / l
+            o = (p.to(v.dtype).float() @ vf) / l
             out[:, idx, r0:r1] = o.to(q.dtype)
     return out

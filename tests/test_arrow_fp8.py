@@ -38,9 +38,13 @@ def _rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-def _v3_pv8(q, D):
+def _q_block(q, D, L):
+    """Query rows per Q scale of the kernel that serves the call: kernel v3's tile on Hopper at head_dim 128, else the
+    Triton kernel's BLOCK_M."""
     g = at._gluon() if q.is_cuda and not _INTERP else None
-    return bool(g is not None and at.GLUON and g.PV8 and D == g.HEAD_DIM and torch.cuda.get_device_capability(q.device)[0] == 9)
+    if g is not None and at.GLUON and D == g.HEAD_DIM and torch.cuda.get_device_capability(q.device)[0] == 9:
+        return g.BLOCK_M
+    return at._default_config(q.device, D, q.dtype, L)["BLOCK_M"]
 
 
 def _check(B, H, T, N, D, windows, quant, dtype, device, seed, tol_emu, tol_exact):
@@ -50,9 +54,7 @@ def _check(B, H, T, N, D, windows, quant, dtype, device, seed, tol_emu, tol_exac
     hq = torch.tensor(quant, dtype=torch.int32, device=device)
     o = at.arrow_attention_triton(q, k, v, hw, T, head_quant=hq, zero_skip=True)
     plain = at.arrow_attention_triton(q, k, v, hw, T, zero_skip=True)
-    block_m = at._default_config(q.device, D, q.dtype, L)["BLOCK_M"]
-    pv8 = _v3_pv8(q, D)   # kernel v3 serves this call: its FP8 heads run P·V in e4m3 too
-    emu = fp8_attention_reference(q, k, v, windows, T, q_block=128 if pv8 else block_m, pv8=pv8).double()
+    emu = fp8_attention_reference(q, k, v, windows, T, q_block=_q_block(q, D, L)).double()
     exact = reference(q, k, v, windows, T, "bhld")
     for h, w in enumerate(windows):
         if w == SKIP:
@@ -118,51 +120,24 @@ def test_gpu_fp8_without_flags_is_bf16():
                        at.arrow_attention_triton(q, k, v, hw, 50))
 
 
-@cpu_only
-@pytest.mark.parametrize("B,H,L,layout", [(1, 3, 37, "bhld"), (2, 2, 130, "blhd_flat"), (1, 2, 16, "bhld")])
-def test_prepass_writes_v_transposed_in_kernel_v3_key_order(B, H, L, layout):
-    """The pre-pass's e4m3 Vᵀ for kernel v3's e4m3 P·V: per channel scaled by amax / 448, keys of each aligned 16 in the
-    order v3's P registers hold them (key 16g + 8h + 2t + i at column 16g + 4t + 2h + i), zeros past L, and nothing
-    written for bf16 heads."""
-    from types import SimpleNamespace
 
-    D, blk = 32, 64
-    g = torch.Generator().manual_seed(L)
-    shape = (B, H, L, D) if layout == "bhld" else (B, L, H * D)
-    q, k, v = (torch.randn(*shape, generator=g) * (1 + 3 * torch.rand(D if layout == "bhld" else H * D, generator=g))
-               for _ in range(3))
-    hq = torch.tensor([(1, 0)[h % 2] for h in range(H)], dtype=torch.int32)
-    qb = at._QuantBuffers(B, H, L, D, blk, torch.device("cpu"), True, pv8=True)
-    qb.v8t.fill_(7.0)
-    step = SimpleNamespace(quant=qb, qgrid=(-(-L // blk), B * H, 1), qrunner=None, device_index=None,
-                           qtail=at._quant_tail(qb, q, k, v, layout, H, L, D, 0.125, True, True),
-                           views=lambda x: at._bhld_view(x, H, layout))
-    at._quantize(step, q, k, v, hq)
-    vb = at._bhld_view(v, H, layout)
-    l16 = qb.v8t.shape[-1]
-    assert l16 == -(-L // 16) * 16
-    n = torch.arange(L)
-    r = n % 16
-    col = n - r + 4 * ((r >> 1) & 3) + 2 * ((r >> 3) & 1) + (r & 1)
-    for h in range(H):
-        if not hq[h]:
-            assert torch.all(qb.v8t[:, h] == 7.0)
-            continue
-        sv = vb[:, h].abs().amax(dim=1, keepdim=True) / 448.0   # [B, 1, D]
-        want = (vb[:, h] / sv).to(torch.float8_e4m3fn).float()   # [B, L, D]
-        assert torch.equal(qb.v8t[:, h][:, :, col], want.transpose(1, 2))
-        pad = torch.ones(l16, dtype=torch.bool)
-        pad[col] = False   # the padding keys L..l16 land on the columns no real key took
-        assert torch.all(qb.v8t[:, h][:, :, pad] == 0)
-
-
-@cpu_only
-def test_reference_e4m3_pv_costs_little_beyond_the_qk():
-    """`fp8_attention_reference(pv8=True)` (P times 448 and per-channel V in e4m3) stays close to exact attention and to
-    the Q·Kᵀ-only scheme, and is not that scheme (the P·V quantization is really applied)."""
-    q, k, v = _inputs(1, 2, 300, 64, torch.float32, "cpu", 5)
-    exact = reference(q, k, v, [FULL, 20], 44, "bhld")
-    qk = fp8_attention_reference(q, k, v, [FULL, 20], 44)
-    both = fp8_attention_reference(q, k, v, [FULL, 20], 44, pv8=True)
-    assert not torch.equal(qk, both)
-    assert _rel(both, exact) < 0.15 and _rel(both, qk.double()) < 0.08, (_rel(both, exact), _rel(both, qk.double()))
+@gpu
+@needs_fp8
+def test_gpu_fp8_heads_run_on_kernel_v3(monkeypatch):
+    """On Hopper at head_dim 128 FP8 launches run on kernel v3 (its plan carries the pre-pass) and agree with the
+    Triton kernel's FP8 heads (the same scheme; they differ in the order of rounding only)."""
+    g = at._gluon()
+    if torch.cuda.get_device_capability()[0] != 9 or g is None:
+        pytest.skip("kernel v3 runs on sm90 only")
+    q, k, v = _inputs(2, 5, 1077, 128, torch.bfloat16, "cuda", 11)
+    hw = torch.tensor([FULL, 60, 37, SKIP, 5], dtype=torch.int32, device="cuda")
+    hq = torch.tensor([1, 1, 0, 1, 1], dtype=torch.int32, device="cuda")
+    at._PLANS.clear()
+    o3 = at.arrow_attention_triton(q, k, v, hw, 77, head_quant=hq, zero_skip=True)
+    assert at.GLUON, "kernel v3 failed and was disabled"
+    steps = [e[1] for key, e in at._PLANS.items() if key[0] == "gluon" and e is not None]
+    assert len(steps) == 1 and steps[0] is not None, "the FP8 launch did not run on kernel v3"
+    monkeypatch.setattr(at, "GLUON", False)
+    o2 = at.arrow_attention_triton(q, k, v, hw, 77, head_quant=hq, zero_skip=True)
+    for h in range(5):
+        assert _rel(o3[:, h], o2[:, h].double()) < 0.02, (h, _rel(o3[:, h], o2[:, h].double()))

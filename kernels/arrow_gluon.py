@@ -300,7 +300,14 @@ def _arrow_fwd_gluon(desc_q, desc_k, desc_v, desc_o, HW, desc_q8, desc_k8, desc_
     si = ((w >= 0) & (m0 < T) & (m0 + BM > T)).to(gl.int32)
     ii = (1 - di) * (1 - si)
     wp = gl.maximum(w, 0)
+    if QUANT:  # this head's Q·Kᵀ in e4m3 (HQ[h] = 1)
+        fp8 = gl.load(HQ + h)
+    else:
+        fp8 = 0
     s0 = gl.maximum(m0 - wp, Tc)
+    # an FP8 head's band starts on a multiple of 4 keys: TMA copies the tile's key scales from there, and a box may only
+    # start on a 16-byte boundary of its innermost dimension (the element mask stays token-exact)
+    s0 = s0 - (s0 % 4) * (fp8 != 0).to(gl.int32)
     e0 = gl.minimum(m0 + BM + wp, L)
     nb = gl.maximum(gl.cdiv(gl.maximum(e0 - s0, 0), BN), 0)
     fk_lo = gl.maximum(m0 + BM - 1 - wp, s0)
@@ -320,10 +327,6 @@ def _arrow_fwd_gluon(desc_q, desc_k, desc_v, desc_o, HW, desc_q8, desc_k8, desc_
     a3 = s0 + j_hi * BN
     nu = nu1 + nu2
     n = nu + na1 + na2 + na3
-    if QUANT:  # this head's Q·Kᵀ in e4m3 (HQ[h] = 1)
-        fp8 = gl.load(HQ + h)
-    else:
-        fp8 = 0
 
     if FLAT:
         q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, 1, BM // 2, 1, D], desc_q.layout)

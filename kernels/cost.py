@@ -22,11 +22,12 @@ from .methods import HeadMethod, LayerDecision, MethodKind
 __all__ = ["FP8_COST_FACTOR", "Geometry", "image_tokens", "grid_tokens", "kernel_tile", "band_pairs", "cross_band_pairs", "kept_pairs", "kept_tiles", "head_cost", "decision_cost", "decision_flops"]
 
 #: Time of one FP8 score pair relative to one bf16 pair (e4m3 QKᵀ, bf16 PV, the quantization pre-pass included).
-#: Measured on an H200 (bench/bench_fp8.py + bench/bench_arrow.py, Flux-dev 2K, text 512, all heads full): FP8 heads
-#: run on the Triton kernel (v2) at 6.72 ms, bf16 heads on kernel v3 at 5.58 ms (2026-11-29): 1.20. (Against v2's
-#: bf16, 2026-11-28: 1.08.) FP8 heads are *slower*, so a search never prefers them for time. A calibration records
-#: the factor it searched with (`CalibrationRecord.fp8_cost_factor`).
-FP8_COST_FACTOR = 1.20
+#: Measured on an H200 (bench/bench_fp8.py, Flux-dev 2K, all heads full, both on kernel v3, 2026-11-29): 5.556 vs
+#: 5.518 ms at text 256, 5.675 vs 5.640 at text 512: 1.01 (mixed plans 1.05-1.06, Flux 1K 1.19-1.22: the pre-pass
+#: weighs more there). Earlier: 1.20 with FP8 on the Triton kernel against bf16 on v3, 1.08 both on the Triton kernel.
+#: FP8 heads are not faster, so a search never prefers them for time. A calibration records the factor it searched
+#: with (`CalibrationRecord.fp8_cost_factor`).
+FP8_COST_FACTOR = 1.01
 
 
 @dataclass(frozen=True)

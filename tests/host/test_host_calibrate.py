@@ -122,8 +122,8 @@ def test_fp8_on_calibrates_fp8_heads_by_emulation_and_applies_them_in_bf16(model
                                                                           monkeypatch):
     """fp8 "on" without FP8 tensor cores (here: CPU): the search measures FP8 by emulation, so the plan may hold FP8
     heads; the record carries the cost factor; a re-run reuses the file; DFAApply runs the FP8 heads in bf16 (one
-    warning), exactly as the same plan without quantization. With today's measured factor (1.20: FP8 heads slower
-    than bf16 on an H200) the search never picks FP8, so this test models a faster FP8 kernel (factor 0.6)."""
+    warning), exactly as the same plan without quantization. With today's measured factor (1.01: FP8 heads no
+    faster than bf16 on an H200) the search never picks FP8, so this test models a faster FP8 kernel (factor 0.6)."""
     _need(family)
     import logging
 

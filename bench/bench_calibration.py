@@ -8,6 +8,7 @@ meaningless for quality; the timings and memory are what this script is for.
 
     python bench/bench_calibration.py            # H200: prints a table, writes $OUT/bench_calibration.json
     python bench/bench_calibration.py --tiny     # CPU smoke run (tiny Flux)
+    python bench/bench_calibration.py --fp8      # the same with the FP8 candidates (DFACalibrate's `fp8` on)
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> int:
     ap.add_argument("--txt", type=int, default=256)
     ap.add_argument("--deltas", default="0.4,20", help="comma-separated budgets; a large one forces compression "
                     "(random weights give large errors) so the solver and the apply path are exercised")
+    ap.add_argument("--fp8", action="store_true", help="also search the FP8 variants of the candidates (issue 11: "
+                    "calibration time stays <= 1.5x a plain pass with them)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -48,7 +51,7 @@ def main() -> int:
     import comfy.supported_models
 
     from dfav2.calibration.cli import summarize
-    from dfav2.calibration.search import SearchConfig
+    from dfav2.calibration.search import DEFAULT_CANDIDATES, SearchConfig, with_fp8
     from dfav2.nodes.adapter import apply_dfa
     from dfav2.nodes.calibrate import calibrate_dfa
 
@@ -96,9 +99,10 @@ def main() -> int:
     def calibrate(n_steps, delta):
         return calibrate_dfa(model, positive=positive, negative=negative, width=res, height=res, steps=n_steps,
                              cfg=1.0, sampler_name="euler", scheduler="simple", seed=0,
-                             config=SearchConfig(delta=delta), guidance=3.5, prompts=b,
+                             config=SearchConfig(delta=delta, candidates=candidates), guidance=3.5, prompts=b,
                              pack_version=sys.modules["dfav2"].__version__)
 
+    candidates = with_fp8(DEFAULT_CANDIDATES) if a.fp8 else DEFAULT_CANDIDATES
     deltas = [float(d) for d in a.deltas.split(",")]
     # Warm-up (compilation, cuDNN/Triton autotuning, allocator) outside the timed runs.
     plain(model, 2)
@@ -124,12 +128,13 @@ def main() -> int:
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__, "comfyui": host_version,
+        "fp8_candidates": a.fp8, "candidates": [str(c) for c in candidates],
         "geometry": {"res": res, "prompts": b, "steps": steps, "txt_len": txt, "dtype": str(dt).replace("torch.", "")},
         "plain_s": [p1, p2], "plain_peak": plain_peak, "runs": runs,
     }
     gib = 1024 ** 3
     print(f"# DFACalibrate cost, ComfyUI {host_version} Flux class, {info['device']}, {res}², {b} prompts, "
-          f"{steps} steps, text {txt}; plain sampling {p1:.2f} / {p2:.2f} s (before / after), peak {plain_peak / gib:.2f} GiB")
+          f"{steps} steps, text {txt}{', FP8 candidates' if a.fp8 else ''}; plain sampling {p1:.2f} / {p2:.2f} s (before / after), peak {plain_peak / gib:.2f} GiB")
     print("| delta | calibration s | time ratio | peak GiB | memory ratio | sampling with plan s | speed-up |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs:

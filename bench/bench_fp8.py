@@ -82,11 +82,11 @@ def route(v3=True):
 
 
 def prepass(q):
-    """The pre-pass of the cached FP8 plan for q's shape: kernel v3's step, else the Triton plan."""
+    """The pre-pass of the cached FP8 plan for q's shape (kernel v3's or the Triton kernel's)."""
     for key, e in at._PLANS.items():
         if key[0] == "gluon" and e is not None and e[1] is not None and key[1][8] == q.shape:
             return e[1]
-    return at._PLANS[next(key for key in at._PLANS if key[0] != "gluon" and key[6] and key[8] == q.shape)]
+    return at._PLANS[next(key for key in at._PLANS if key[0] != "gluon" and key[6] and key[8] == q.shape)].qstep
 
 
 def comfy_kitchen_int8():

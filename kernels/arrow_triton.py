@@ -721,8 +721,7 @@ class _Plan:
     """Everything a launch needs that depends only on the cache key (shapes, strides, dtypes, devices,
     alignment, txt_len, sm_scale, layout, config): validated once, reused with new base pointers."""
 
-    __slots__ = ("grid", "tail", "opts", "descs", "runner", "empty", "device_index", "quant", "qgrid", "qtail",
-                 "qrunner", "views")
+    __slots__ = ("grid", "tail", "opts", "descs", "runner", "empty", "device_index", "qstep")
 
 
 _PLANS: dict = {}
@@ -749,7 +748,7 @@ def _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, us
         raise ValueError(f"head_quant must be an int32 tensor like head_window ({tuple(head_window.shape)}, "
                          f"{head_window.device}), got {head_quant.dtype} {tuple(head_quant.shape)} {head_quant.device}")
     plan = _Plan()
-    plan.runner = plan.qrunner = None
+    plan.runner = None
     plan.device_index = q.device.index
     plan.empty = B * H * L == 0
     if out is None:
@@ -759,16 +758,13 @@ def _build_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, config, us
     use_tma = cfg.get("TMA", False) if use_tma is None else use_tma
     use_tma = (bool(use_tma) and not plan.empty and q.device.type == "cuda" and not interp
                and torch.cuda.get_device_capability(q.device) >= (9, 0) and _tma_ok((q, k, v)))
-    plan.quant = None
+    plan.qstep = None
     if head_quant is not None and not plan.empty:
-        plan.quant = qb = _workspace(B, H, L, D, cfg["BLOCK_M"], q.device, interp)
-        sm = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-        plan.qgrid = (triton.cdiv(L, qb.block_m), B * H, 1)
-        plan.qtail = _quant_tail(qb, q, k, layout, H, L, D, sm, interp)
-        plan.views = lambda x: _bhld_view(x, H, layout)
+        plan.qstep = _QuantStep(q, k, layout, B, H, L, D, cfg["BLOCK_M"], sm_scale, interp)
     plan.grid, args, plan.opts = _kernel_args(q, k, v, out, head_window, txt_len, layout, sm_scale, cfg,
                                               use_tma=use_tma, interp=interp, zero_skip=zero_skip,
-                                              head_quant=head_quant, quant=plan.quant)
+                                              head_quant=head_quant,
+                                              quant=None if plan.qstep is None else plan.qstep.quant)
     plan.tail = args[_TAIL:]
     descs = list(args[_TAIL:_TAIL + 3])
     plan.descs = descs if use_tma else None
@@ -784,25 +780,36 @@ def _bhld_view(x: torch.Tensor, H: int, layout: str) -> torch.Tensor:
     return x.unflatten(-1, (H, x.shape[-1] // H)).transpose(1, 2)
 
 
-def _quant_tail(qb: _QuantBuffers, q, k, layout: str, H: int, L: int, D: int, sm_scale: float,
-                interp: bool) -> tuple:
-    """`_quant_fwd`'s arguments after (Q, K, HQ), its three constexprs last."""
-    return (qb.km, qb.q8, qb.k8, qb.sq, qb.sk, *_strides_4d(q, layout, H, D), *_strides_4d(k, layout, H, D),
-            H, L, float(sm_scale) * _LOG2E, D, qb.block_m, interp)
+class _QuantStep:
+    """The FP8 pre-pass of one plan (Triton kernel or kernel v3): its workspace (`quant`), launch grid, the arguments
+    of `_quant_fwd` after (Q, K, HQ) with its three constexprs last (`qtail`), the cached launcher, the [B, H, L, D]
+    view of the caller's layout."""
+
+    __slots__ = ("quant", "qgrid", "qtail", "qrunner", "views", "device_index")
+
+    def __init__(self, q, k, layout: str, B: int, H: int, L: int, D: int, block_m: int, sm_scale, interp: bool):
+        self.quant = qb = _workspace(B, H, L, D, block_m, q.device, interp)
+        sm = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+        self.qgrid = (triton.cdiv(L, block_m), B * H, 1)
+        self.qtail = (qb.km, qb.q8, qb.k8, qb.sq, qb.sk, *_strides_4d(q, layout, H, D), *_strides_4d(k, layout, H, D),
+                      H, L, sm * _LOG2E, D, block_m, interp)
+        self.qrunner = None
+        self.views = lambda x: _bhld_view(x, H, layout)
+        self.device_index = q.device.index
 
 
-def _quantize(plan, q, k, head_quant) -> None:
+def _quantize(step: _QuantStep, q, k, head_quant) -> None:
     """The FP8 pre-pass: K's per-channel mean (one reduction over the tokens), then one kernel that quantizes the
-    FP8 heads' Q and K into the plan's workspace. `plan`: a Triton-kernel plan or a kernel-v3 `_QuantStep`."""
-    torch.mean(plan.views(k), dim=2, dtype=torch.float32, out=plan.quant.km)
-    runner = plan.qrunner
+    FP8 heads' Q and K into the step's workspace."""
+    torch.mean(step.views(k), dim=2, dtype=torch.float32, out=step.quant.km)
+    runner = step.qrunner
     if runner:
-        runner(q, k, head_quant, *plan.qtail, stream=torch._C._cuda_getCurrentRawStream(plan.device_index))
+        runner(q, k, head_quant, *step.qtail, stream=torch._C._cuda_getCurrentRawStream(step.device_index))
         return
-    D, blk, interp = plan.qtail[-3:]
-    compiled = _quant_fwd[plan.qgrid](q, k, head_quant, *plan.qtail[:-3], HEAD_DIM=D, BLOCK=blk, INTERP=interp)
+    D, blk, interp = step.qtail[-3:]
+    compiled = _quant_fwd[step.qgrid](q, k, head_quant, *step.qtail[:-3], HEAD_DIM=D, BLOCK=blk, INTERP=interp)
     if compiled is not None and not interp and q.device.type == "cuda":
-        plan.qrunner = getattr(compiled, "__getitem__", lambda grid: None)(plan.qgrid)
+        step.qrunner = getattr(compiled, "__getitem__", lambda grid: None)(step.qgrid)
 
 
 _fp8_warned = False
@@ -831,13 +838,6 @@ def _gluon():
     return _gluon_mod or None
 
 
-class _QuantStep:
-    """The FP8 pre-pass of a kernel-v3 plan: the attributes `_quantize` reads (workspace, its launch geometry and
-    arguments, the cached launcher)."""
-
-    __slots__ = ("quant", "qgrid", "qtail", "qrunner", "views", "device_index")
-
-
 def _gluon_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip, head_quant=None):
     """Kernel v3's launch plan for this call -- (plan, FP8 pre-pass or None) -- or None where it does not apply (the
     Triton kernel runs it)."""
@@ -850,16 +850,7 @@ def _gluon_plan(q, k, v, head_window, txt_len, layout, sm_scale, out, zero_skip,
     o = torch.empty_like(q) if out is None else out
     if not _tma_ok((q, k, v, o)):
         return None
-    step = None
-    if head_quant is not None:
-        step = _QuantStep()
-        step.quant = qb = _workspace(B, H, L, D, g.BLOCK_M, q.device, False)
-        sm = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-        step.qgrid = (triton.cdiv(L, qb.block_m), B * H, 1)
-        step.qtail = _quant_tail(qb, q, k, layout, H, L, D, sm, False)
-        step.qrunner = None
-        step.views = lambda x: _bhld_view(x, H, layout)
-        step.device_index = q.device.index
+    step = None if head_quant is None else _QuantStep(q, k, layout, B, H, L, D, g.BLOCK_M, sm_scale, False)
     return g.build(q, k, v, o, H, L, B, txt_len, layout, sm_scale, zero_skip, None if step is None else step.quant), step
 
 
@@ -934,8 +925,8 @@ def _launch(q, k, v, head_window, txt_len, layout, sm_scale, out, config=None, u
         out = torch.empty_like(q)
     if plan.empty:
         return out
-    if plan.quant is not None:
-        _quantize(plan, q, k, head_quant)
+    if plan.qstep is not None:
+        _quantize(plan.qstep, q, k, head_quant)
     hq = head_window if head_quant is None else head_quant
     descs = plan.descs
     if descs is not None:

@@ -41,7 +41,7 @@ from ..kernels.engine import (
 from ..kernels.methods import CACHE, FULL, FULL_FP8, HeadMethod, LayerDecision, MethodKind, arrow
 from ..kernels.offload import OffloadStore
 from .knapsack import HEAD_CAP_FACTOR, solve_layer, solve_layer_uniform
-from .metric import head_rse
+from .metric import HeadRse
 from .plan import CalibrationRecord, ModelSignature, Plan, PlanPosition
 
 __all__ = ["DEFAULT_CANDIDATES", "DEFAULT_DELTA", "SearchConfig", "ProgressiveCalibrator", "with_fp8"]
@@ -107,7 +107,9 @@ class ProgressiveCalibrator:
         self._decisions: list[dict[int, LayerDecision]] = []
         self._prev = OffloadStore(config.offload)
         self._saving_cache: dict[tuple, np.ndarray] = {}
-        self.rse_log: list[tuple[int, int, np.ndarray]] = []  # (position, layer, rse [H, M]) for reports
+        # (position, layer, rse [H, M]) for reports; inf: not measured (no previous output to cache, or a candidate
+        # that saves nothing at this geometry)
+        self.rse_log: list[tuple[int, int, np.ndarray]] = []
         self.stats = EngineStats()  # what the compressed outputs fed forward cost (as the engine reports it)
         self.txt_len: int | None = None  # text tokens of the first call of a text+image layer (for the record)
         self.tables = KernelTables()
@@ -192,18 +194,21 @@ class ProgressiveCalibrator:
         n_img = q.shape[2] - txt_len - sum(refs)
         dense_out, _ = headwise_attention(q, k, v, txt_len, LayerDecision.uniform(FULL, heads), dense=dense,
                                           tables=self.tables, refs=refs, mask=mask)
+        savings = self._savings(txt_len, n_img, layer, refs)
+        rse_of = HeadRse(dense_out)
         outs: list[torch.Tensor | None] = []
         rses = []
-        for m in self.config.candidates:
-            if m.kind is MethodKind.CACHE:
+        for m, saving in zip(self.config.candidates, savings.tolist()):
+            if saving == 0:  # the knapsack never takes a candidate that saves nothing (full+fp8 at an FP8 factor
+                y = None     # >= 1, a band that covers the image): not running it is exact, and it is not cheap
+            elif m.kind is MethodKind.CACHE:
                 y = prev if prev is not None and prev.shape == dense_out.shape else None
             else:
                 y, _ = self._run(q, k, v, txt_len, LayerDecision.uniform(m, heads), refs, mask=mask)
             outs.append(y)
-            rses.append(head_rse(y, dense_out) if y is not None else torch.full((heads,), float("inf"), device=q.device))
+            rses.append(rse_of(y) if y is not None else torch.full((heads,), float("inf"), device=q.device))
         rse = torch.stack(rses, 1).cpu().numpy().astype(np.float64)  # one sync per layer: decisions live on the host
         self.rse_log.append((pos, layer, rse))
-        savings = self._savings(txt_len, n_img, layer, refs)
         if self.config.granularity == "layer":
             choice = solve_layer_uniform(rse, savings, self.config.delta)
         else:

@@ -246,6 +246,21 @@ def test_cpu_calibration_measures_the_fp8_error_by_emulation():
     np.testing.assert_allclose(rse[:, i_full8], head_rse(emulated, dense).numpy(), rtol=1e-5)
 
 
+def test_candidates_that_save_nothing_are_not_run_and_change_no_choice():
+    # at an FP8 factor >= 1 full+fp8 saves nothing: the search skips it (inf, never run) and every choice is the one a
+    # search without it makes
+    cands = with_fp8(DEFAULT_CANDIDATES)
+    cal = calibrate(0.5, cands, factor=1.01)
+    i_full8 = cands.index(FULL_FP8)
+    others = [i for i in range(len(cands)) if i != i_full8]
+    assert cal.rse_log and all(np.all(np.isinf(rse[:, i_full8])) for _, _, rse in cal.rse_log)
+    assert all(np.isfinite(rse[:, others]).all() for _, _, rse in cal.rse_log)  # the others measured
+    without = calibrate(0.5, tuple(c for c in cands if c != FULL_FP8), factor=1.01)
+    for (_, _, a), (_, _, b) in zip(cal.rse_log, without.rse_log):
+        np.testing.assert_array_equal(a[:, others], b)
+    assert cal.plan().positions == without.plan().positions
+
+
 def test_fp8_calibration_gives_a_valid_plan_that_round_trips_and_applies():
     cal = calibrate(0.5)
     plan = cal.plan()

@@ -5,7 +5,31 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["head_rse"]
+from ..kernels.head_error import head_sq_err
+
+__all__ = ["HeadRse", "head_rse"]
+
+
+class HeadRse:
+    """`head_rse` against one reference: its per-head variance is computed once, and each candidate costs one read of
+    both tensors (`kernels.head_error.head_sq_err`) -- the calibrator measures every candidate of a layer call
+    against the same dense output."""
+
+    __slots__ = ("reference", "_den")
+
+    def __init__(self, reference: torch.Tensor, eps: float = 1e-12) -> None:
+        if reference.dim() != 4:
+            raise ValueError(f"expected a [B, H, L, D] reference, got shape {tuple(reference.shape)}")
+        self.reference = reference
+        var = reference.float().var((0, 2, 3), correction=0)
+        B, _, L, D = reference.shape
+        self._den = var.clamp_min(eps) * (B * L * D)  # the error's mean over batch, tokens and head dim, divided by var
+
+    def __call__(self, candidate: torch.Tensor) -> torch.Tensor:
+        if candidate.shape != self.reference.shape:
+            raise ValueError(f"expected two [B, H, L, D] tensors of one shape, got {tuple(candidate.shape)} and "
+                             f"{tuple(self.reference.shape)}")
+        return head_sq_err(candidate, self.reference) / self._den
 
 
 def head_rse(candidate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -16,8 +40,4 @@ def head_rse(candidate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-1
     """
     if candidate.shape != reference.shape or candidate.dim() != 4:
         raise ValueError(f"expected two [B, H, L, D] tensors of one shape, got {tuple(candidate.shape)} and {tuple(reference.shape)}")
-    ref = reference.float()
-    dims = (0, 2, 3)
-    err = (candidate.float() - ref).square().mean(dims)
-    var = ref.var(dims, correction=0)
-    return err / var.clamp_min(eps)
+    return HeadRse(reference, eps)(candidate)

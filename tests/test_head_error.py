@@ -97,6 +97,26 @@ def test_bad_input_names_the_problem():
         HeadRse(a)(torch.zeros(1, 2, 3, 5))
 
 
+def test_a_failing_kernel_falls_back_to_torch_once_with_a_warning(monkeypatch):
+    class Broken:
+        calls = 0
+
+        def __getitem__(self, grid):
+            Broken.calls += 1
+            raise RuntimeError("no such GPU")
+
+    monkeypatch.setattr(he, "_sq_err_kernel", Broken())
+    monkeypatch.setattr(he, "_kernel_ok", True)
+    ref, cand = _pair(2, 3, 33, 64, torch.bfloat16, "bhld", "cpu", 5)
+    with pytest.warns(RuntimeWarning, match="measuring in torch"):
+        got = he.head_sq_err(cand, ref, use_triton=True)
+    torch.testing.assert_close(got.double(), _exact(cand, ref), rtol=1e-5, atol=0)
+    assert he._kernel_ok is False and Broken.calls == 1
+    monkeypatch.setattr(he.torch.Tensor, "is_cuda", property(lambda self: True))  # auto mode no longer tries it
+    torch.testing.assert_close(he.head_sq_err(cand, ref).double(), _exact(cand, ref), rtol=1e-5, atol=0)
+    assert Broken.calls == 1
+
+
 @pytest.mark.parametrize("B,H,L,D", SHAPES[1:])
 def test_head_rse_is_the_definition_in_float64(B, H, L, D):
     ref, cand = _pair(B, H, L, D, torch.bfloat16, "blhd", "cpu", 3)

@@ -26,10 +26,7 @@ class HeadRse:
         self._den = var.clamp_min(eps) * (B * L * D)  # the error's mean over batch, tokens and head dim, divided by var
 
     def __call__(self, candidate: torch.Tensor) -> torch.Tensor:
-        if candidate.shape != self.reference.shape:
-            raise ValueError(f"expected two [B, H, L, D] tensors of one shape, got {tuple(candidate.shape)} and "
-                             f"{tuple(self.reference.shape)}")
-        return head_sq_err(candidate, self.reference) / self._den
+        return head_sq_err(candidate, self.reference) / self._den  # head_sq_err checks the shapes
 
 
 def head_rse(candidate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -38,6 +35,4 @@ def head_rse(candidate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-1
     candidate, reference : [B, H, L, D] (any float dtype; computed in float32). Text tokens count too.
     Returns float32 [H] on the inputs' device. A head whose reference is constant gets its MSE / eps.
     """
-    if candidate.shape != reference.shape or candidate.dim() != 4:
-        raise ValueError(f"expected two [B, H, L, D] tensors of one shape, got {tuple(candidate.shape)} and {tuple(reference.shape)}")
     return HeadRse(reference, eps)(candidate)
